@@ -1,0 +1,20 @@
+"""fastbn: Numba-compiled batch normalization for NumPy arrays."""
+
+from .functional import (
+    BatchNormContext,
+    batch_norm_backward,
+    batch_norm_forward,
+    batch_norm_inference,
+    batch_stats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormContext",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "batch_stats",
+    "__version__",
+]
