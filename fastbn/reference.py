@@ -118,7 +118,8 @@ class Node:
 
 def _unbroadcast(grad, shape):
     """Sum ``grad`` over the axes along which a value of ``shape`` was broadcast."""
-    axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1)
+    pairs = enumerate(zip(grad.shape, shape, strict=True))
+    axes = tuple(i for i, (g, s) in pairs if s == 1 and g != 1)
     return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
