@@ -17,16 +17,18 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-#: ``cache=True`` on every kernel: compiled machine code is written next to the
-#: package (or, when that directory is read-only, to Numba's user-wide cache
-#: directory, or ``NUMBA_CACHE_DIR``), so later processes skip the multi-second
-#: compile.  ``FASTBN_NO_CACHE=1`` turns it off (used to measure a cold compile).
-CACHE: bool = not _env_flag("FASTBN_NO_CACHE")
-
 #: ``FASTBN_SLOW_FALLBACK=1`` compiles every kernel without ``parallel`` and
 #: without fastmath.  It exists only so the CI performance gate can be shown to
 #: go red on a real regression; never set it in production.
 SLOW_FALLBACK: bool = _env_flag("FASTBN_SLOW_FALLBACK")
+
+#: ``cache=True`` on every kernel: compiled machine code is written next to the
+#: package (or, when that directory is read-only, to Numba's user-wide cache
+#: directory, or ``NUMBA_CACHE_DIR``), so later processes skip the multi-second
+#: compile.  ``FASTBN_NO_CACHE=1`` turns it off (used to measure a cold compile).
+#: The slow fallback never caches: Numba's cache index does not record the
+#: ``parallel``/``fastmath`` flags, so it would load (or poison) the fast code.
+CACHE: bool = not (_env_flag("FASTBN_NO_CACHE") or SLOW_FALLBACK)
 
 PARALLEL: bool = not SLOW_FALLBACK
 
