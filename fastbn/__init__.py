@@ -7,10 +7,12 @@ from .functional import (
     batch_norm_inference,
     batch_stats,
 )
+from .layer import BatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
     "BatchNormContext",
     "batch_norm_backward",
     "batch_norm_forward",
