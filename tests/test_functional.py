@@ -1,11 +1,11 @@
 """Every public function against the NumPy references (plain and graph-based) and PyTorch.
 
 The references run in float64 on the same (upcast) data, so a float32 result
-is compared with the exact answer for its input.  Error measure: max-abs error over max-abs value of the expected array.  For
-``dx`` the denominator is the size of the closed form's terms,
-``max|gamma * inv_std * dy'|`` (at least ``max|dx|``): with 2 values per
-channel ``dx`` is itself ~eps/var smaller than its terms, and rounding errors
-scale with the terms, not with the result.
+is compared with the exact answer for its input.  Error measure: max-abs error
+over max-abs value of the expected array.  For ``dx`` the denominator is the
+size of the closed form's terms, ``max|gamma * inv_std * dy'|`` (at least
+``max|dx|``): with 2 values per channel ``dx`` is itself ~eps/var smaller than
+its terms, and rounding errors scale with the terms, not with the result.
 """
 
 from __future__ import annotations
