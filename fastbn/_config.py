@@ -23,12 +23,94 @@ def _env_flag(name: str) -> bool:
 SLOW_FALLBACK: bool = _env_flag("FASTBN_SLOW_FALLBACK")
 
 #: ``cache=True`` on every kernel: compiled machine code is written next to the
-#: package (or, when that directory is read-only, to Numba's user-wide cache
-#: directory, or ``NUMBA_CACHE_DIR``), so later processes skip the multi-second
-#: compile.  ``FASTBN_NO_CACHE=1`` turns it off (used to measure a cold compile).
-#: The slow fallback never caches: Numba's cache index does not record the
-#: ``parallel``/``fastmath`` flags, so it would load (or poison) the fast code.
-CACHE: bool = not (_env_flag("FASTBN_NO_CACHE") or SLOW_FALLBACK)
+#: package or, when that directory is read-only, wherever Numba's own locators
+#: find a writable place (``NUMBA_CACHE_DIR`` first, then the user-wide cache
+#: directory).  When none is writable, caching is switched off instead of
+#: failing at import.  ``FASTBN_NO_CACHE=1`` turns it off (to measure a cold
+#: compile).  The slow fallback never caches: Numba's cache index does not
+#: record the ``parallel``/``fastmath`` flags, so it would load (or poison)
+#: the fast code.
+CACHE_REQUESTED: bool = not (_env_flag("FASTBN_NO_CACHE") or SLOW_FALLBACK)
+
+_KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.py")
+
+
+def _find_cache_dir() -> str | None:
+    """The directory Numba will cache ``_kernels.py`` in, or None if none is writable.
+
+    Uses Numba's own locator classes in Numba's own order, so the answer is
+    the one Numba reaches when the kernels are decorated (each locator checks
+    that its directory is writable).  If Numba's internals have moved, we
+    cannot tell in advance and let Numba decide.
+    """
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    locator_classes = getattr(impl, "_locator_classes", None)
+    if locator_classes is None:  # pragma: no cover - Numba internals moved
+        return "<decided by Numba>"
+
+    def probe():  # only its file name matters to the locators
+        pass
+
+    for locator_class in locator_classes:
+        try:
+            locator = locator_class.from_function(probe, _KERNELS_FILE)
+        except Exception:  # a broken locator must not break import
+            locator = None
+        if locator is not None:
+            return locator.get_cache_path()
+    return None
+
+
+CACHE_DIR: str | None = _find_cache_dir() if CACHE_REQUESTED else None
+CACHE: bool = CACHE_DIR is not None
+
+
+def harden_cache(namespace: dict) -> None:
+    """Make every cached dispatcher in ``namespace`` survive a corrupt cache entry.
+
+    Numba unpickles its cache index and data files without catching errors,
+    so a truncated or garbled file (a full disk, a killed process, a file
+    from another build) would raise on the first call of a kernel.  We wrap the
+    two cache entry points: a failed load is treated as a cache miss (Numba
+    then compiles and rewrites the entry), and a failed save -- which re-reads
+    the index -- removes the broken index and tries once more, then gives up
+    silently: the kernel still works, it is just not cached.
+    """
+    for dispatcher in namespace.values():
+        cache = getattr(dispatcher, "_cache", None)
+        if cache is None or not hasattr(cache, "load_overload"):
+            continue
+        _wrap_cache(cache)
+
+
+def _wrap_cache(cache) -> None:
+    load_overload = cache.load_overload
+    save_overload = cache.save_overload
+
+    def safe_load(sig, target_context):
+        try:
+            return load_overload(sig, target_context)
+        except Exception:
+            return None
+
+    def safe_save(sig, data):
+        try:
+            return save_overload(sig, data)
+        except Exception:
+            index_path = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+            if index_path:
+                try:
+                    os.remove(index_path)
+                    return save_overload(sig, data)
+                except Exception:
+                    return None
+            return None
+
+    cache.load_overload = safe_load
+    cache.save_overload = safe_save
+
 
 PARALLEL: bool = not SLOW_FALLBACK
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._config import CACHE, PARALLEL, REDUCTION_FASTMATH
+from ._config import CACHE, PARALLEL, REDUCTION_FASTMATH, harden_cache
 
 # ---------------------------------------------------------------------------
 # Chunk plans (shape only -> bitwise determinism across thread counts)
@@ -643,3 +643,6 @@ def backward_planes(
         dgamma_out, dbeta_out,
     )
     _planes_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc, dx)
+
+
+harden_cache(globals())
