@@ -127,36 +127,38 @@ def info() -> None:
         print(f"{'':<{width}}    {variant}")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
+def _time_pair(shape, repeats: int) -> tuple[float, float]:
+    """Median ms of fastbn and of the NumPy reference (forward+backward), interleaved."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    gamma = np.ones(shape[1], np.float32)
+    beta = np.zeros(shape[1], np.float32)
+    y_buf, dx_buf = np.empty_like(x), np.empty_like(x)
+
+    def run_fastbn():
+        _, ctx = fastbn.batch_norm_forward(x, gamma, beta, out=y_buf)
+        fastbn.batch_norm_backward(dy, ctx, out=dx_buf)
+
+    def run_numpy():
+        _, cache = reference.forward(x, gamma, beta)
+        reference.backward(dy, cache)
+
+    times = {run_fastbn: [], run_numpy: []}
+    for fn in times:
+        fn()  # compile / warm caches
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for fn, samples in times.items():
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return tuple(1e3 * float(np.median(samples)) for samples in times.values())
 
 
 def bench(repeats: int = 9) -> None:
-    rng = np.random.default_rng(0)
-    print(f"{'shape':<20} {'fastbn ms':>10} {'numpy ms':>10} {'speed-up':>9}")
+    print(f"{'shape (float32)':<20} {'fastbn ms':>10} {'numpy ms':>10} {'speed-up':>9}")
     for shape in ((1024, 4096), (32, 64, 56, 56)):
-        x = rng.standard_normal(shape, dtype=np.float32)
-        dy = rng.standard_normal(shape, dtype=np.float32)
-        gamma = np.ones(shape[1], np.float32)
-        beta = np.zeros(shape[1], np.float32)
-        y_buf, dx_buf = np.empty_like(x), np.empty_like(x)
-
-        def run_fastbn():
-            _, ctx = fastbn.batch_norm_forward(x, gamma, beta, out=y_buf)
-            fastbn.batch_norm_backward(dy, ctx, out=dx_buf)
-
-        def run_numpy():
-            _, cache = reference.forward(x, gamma, beta)
-            reference.backward(dy, cache)
-
-        fast = np.median([_median_ms(run_fastbn, 1) for _ in range(repeats)])
-        slow = np.median([_median_ms(run_numpy, 1) for _ in range(repeats)])
+        fast, slow = _time_pair(shape, repeats)
         print(f"{str(shape):<20} {fast:>10.3f} {slow:>10.3f} {slow / fast:>8.1f}x")
 
 
