@@ -85,42 +85,52 @@ def planes_plan(outer, n_channels, inner):
 
 
 # ---------------------------------------------------------------------------
-# Merging partials (serial per channel, parallel across channels: deterministic)
+# Merging partials: serial, in chunk order (deterministic).  The partials are a
+# few per cent of the data at most, and a parallel region costs a thread
+# wake-up (and a scheduler quantum on a loaded machine), so serial is faster.
 # ---------------------------------------------------------------------------
 
 
-@njit(cache=CACHE, parallel=PARALLEL)
+@njit(cache=CACHE)
 def _merge_moments(part_mean, part_m2, part_count, mean_out, var_out):
-    """Chan et al. pairwise merge of per-chunk (count, mean, M2), in chunk order."""
+    """Chan et al. pairwise merge of per-chunk (count, mean, M2), in chunk order.
+
+    ``var_out`` holds the running M2 until the final division.  Every chunk
+    has the same count for all channels, so the loop over channels vectorizes.
+    """
     n_chunks, n_channels = part_mean.shape
-    for c in prange(n_channels):
-        count = part_count[0]
-        mean = part_mean[0, c]
-        m2 = part_m2[0, c]
-        for k in range(1, n_chunks):
-            count_b = part_count[k]
-            total = count + count_b
-            delta = part_mean[k, c] - mean
-            mean += delta * (count_b / total)
-            m2 += part_m2[k, c] + delta * delta * (count * count_b / total)
-            count = total
+    count = part_count[0]
+    for c in range(n_channels):
+        mean_out[c] = part_mean[0, c]
+        var_out[c] = part_m2[0, c]
+    for k in range(1, n_chunks):
+        count_b = part_count[k]
+        total = count + count_b
+        weight_b = count_b / total
+        weight_ab = count * count_b / total
+        for c in range(n_channels):
+            delta = part_mean[k, c] - mean_out[c]
+            mean_out[c] += delta * weight_b
+            var_out[c] += part_m2[k, c] + delta * delta * weight_ab
+        count = total
+    for c in range(n_channels):
+        m2 = var_out[c]
         if m2 < 0.0:  # rounding only; `<` keeps NaN as NaN
             m2 = 0.0
-        mean_out[c] = mean
         var_out[c] = m2 / count
 
 
-@njit(cache=CACHE, parallel=PARALLEL)
+@njit(cache=CACHE)
 def _merge_sums(part_a, part_b, sum_a, sum_b):
+    """Column sums of two partials arrays, in chunk order."""
     n_chunks, n_channels = part_a.shape
-    for c in prange(n_channels):
-        acc_a = 0.0
-        acc_b = 0.0
-        for k in range(n_chunks):
-            acc_a += part_a[k, c]
-            acc_b += part_b[k, c]
-        sum_a[c] = acc_a
-        sum_b[c] = acc_b
+    for c in range(n_channels):
+        sum_a[c] = 0.0
+        sum_b[c] = 0.0
+    for k in range(n_chunks):
+        for c in range(n_channels):
+            sum_a[c] += part_a[k, c]
+            sum_b[c] += part_b[k, c]
 
 
 # ---------------------------------------------------------------------------
