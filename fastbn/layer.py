@@ -60,13 +60,10 @@ What differs, and why:
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import operator
 import os
-import zipfile
-import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -398,10 +395,11 @@ class BatchNorm:
         n = ctx.count
         unbiased = ctx.var * (n / (n - 1))
         # float64 arithmetic, rounded once to the layer dtype (as PyTorch's CPU kernel)
-        new_mean = ((1.0 - factor) * self.running_mean.astype(np.float64)
-                    + factor * ctx.mean).astype(self._dtype)
-        new_var = ((1.0 - factor) * self.running_var.astype(np.float64)
-                   + factor * unbiased).astype(self._dtype)
+        with np.errstate(over="ignore"):  # overflow is detected just below
+            new_mean = ((1.0 - factor) * self.running_mean.astype(np.float64)
+                        + factor * ctx.mean).astype(self._dtype)
+            new_var = ((1.0 - factor) * self.running_var.astype(np.float64)
+                       + factor * unbiased).astype(self._dtype)
         bad = ~(np.isfinite(new_mean) & np.isfinite(new_var))
         if bad.any():  # float32 overflow of a huge variance
             raise FloatingPointError(
@@ -654,11 +652,12 @@ def _name(file) -> str:
 
 def _read_npz(file):
     """(config dict with 'training', state dict of arrays) from a saved file."""
-    # A damaged archive can fail in any of these (a bit flip in the central
-    # directory gives OSError from a bad seek); a missing or unreadable file is
-    # not "corrupt" and is re-raised as is.
-    corrupt = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError,
-               io.UnsupportedOperation)
+    # A damaged archive can fail in many ways: BadZipFile, zlib.error, EOFError,
+    # ValueError (npy header, pickled data), OSError (a bit flip in the central
+    # directory gives a bad seek), NotImplementedError / RuntimeError (zip flag
+    # bits for compression methods or encryption), MemoryError (a flipped shape
+    # in an npy header).  All of them mean "not a valid file"; a missing or
+    # unreadable file is not corrupt and is re-raised as is.
     not_corrupt = (FileNotFoundError, PermissionError, IsADirectoryError)
     try:
         data = np.load(file, allow_pickle=False)
@@ -669,7 +668,7 @@ def _read_npz(file):
             arrays = {key: data[key] for key in data.files}
     except not_corrupt:
         raise
-    except corrupt as exc:
+    except Exception as exc:
         raise ValueError(f"{_name(file)} is not a valid fastbn BatchNorm file "
                          f"(corrupt or truncated): {type(exc).__name__}: {exc}") from exc
 
