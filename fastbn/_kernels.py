@@ -437,23 +437,59 @@ def _planes_grad_partials(
         part_sum_dy_xc[chunk, c] = sum_dy_xc
 
 
+#: Independent accumulators per plane in the fused-ReLU planes reduction.
+RELU_LANES = 32
+
+
 @njit(cache=CACHE, parallel=PARALLEL)
-def _planes_relu_mask_grad(x, dy, mean_hi, mean_lo, scale, shift, dy_masked):
-    """dy * (forward output > 0), computed without fastmath so the mask is exact."""
+def _planes_grad_partials_relu(
+    x, dy, mean, mean_hi, mean_lo, scale, shift, n_outer_chunks, n_inner_chunks,
+    part_sum_dy, part_sum_dy_xc,
+):
+    """Planes reduction with the fused-ReLU mask, compiled without fastmath.
+
+    The mask must equal the forward's bit for bit, and fastmath would fold
+    ``(x - mean_hi) - mean_lo`` (even inside an inlined helper, whose
+    instructions inherit the caller's flags).  Without reassociation a single
+    scalar accumulator does not vectorize, so each plane is summed into
+    ``RELU_LANES`` explicit accumulators (element i goes to lane i % lanes):
+    a fixed order, hence still deterministic, that LLVM vectorizes as is.
+    """
     outer, n_channels, inner = x.shape
-    zero = dy.dtype.type(0)
-    for p in prange(outer * n_channels):
-        o = p // n_channels
-        c = p % n_channels
+    n_chunks = n_outer_chunks * n_inner_chunks
+    for task in prange(n_chunks * n_channels):
+        chunk = task // n_channels
+        c = task % n_channels
+        o0, o1 = _chunk_bounds(chunk // n_inner_chunks, n_outer_chunks, outer)
+        i0, i1 = _chunk_bounds(chunk % n_inner_chunks, n_inner_chunks, inner)
+        mu = mean[c]
         hi = mean_hi[c]
         lo = mean_lo[c]
         s = scale[c]
         b = shift[c]
-        x_plane = x[o, c]
-        dy_plane = dy[o, c]
-        out_plane = dy_masked[o, c]
-        for i in range(inner):
-            out_plane[i] = dy_plane[i] if _relu_active(x_plane[i], hi, lo, s, b) else zero
+        lanes_dy = np.zeros(RELU_LANES)
+        lanes_dy_xc = np.zeros(RELU_LANES)
+        width = i1 - i0
+        body = width - width % RELU_LANES
+        for o in range(o0, o1):
+            x_plane = x[o, c, i0:i1]
+            dy_plane = dy[o, c, i0:i1]
+            for i in range(0, body, RELU_LANES):
+                for lane in range(RELU_LANES):
+                    g = _masked_grad(dy_plane[i + lane], x_plane[i + lane], hi, lo, s, b, True)
+                    lanes_dy[lane] += g
+                    lanes_dy_xc[lane] += g * (np.float64(x_plane[i + lane]) - mu)
+            for i in range(body, width):
+                g = _masked_grad(dy_plane[i], x_plane[i], hi, lo, s, b, True)
+                lanes_dy[0] += g
+                lanes_dy_xc[0] += g * (np.float64(x_plane[i]) - mu)
+        sum_dy = 0.0
+        sum_dy_xc = 0.0
+        for lane in range(RELU_LANES):
+            sum_dy += lanes_dy[lane]
+            sum_dy_xc += lanes_dy_xc[lane]
+        part_sum_dy[chunk, c] = sum_dy
+        part_sum_dy_xc[chunk, c] = sum_dy_xc
 
 
 # ---------------------------------------------------------------------------
@@ -626,7 +662,7 @@ def backward_rows(
 def backward_planes(
     x, dy, mean, inv_std, weight, bias, relu, batch_stats, dx, dgamma_out, dbeta_out
 ):
-    """Both backward sweeps for the planes layout (three with fused ReLU)."""
+    """Both backward sweeps for the planes layout."""
     outer, n_channels, inner = x.shape
     mean_hi, mean_lo, scale, shift = _normalize_constants(mean, inv_std, weight, bias, x)
     n_outer_chunks, n_inner_chunks = planes_plan(outer, n_channels, inner)
@@ -634,12 +670,9 @@ def backward_planes(
     part_sum_dy = np.empty((n_chunks, n_channels))
     part_sum_dy_xc = np.empty((n_chunks, n_channels))
     if relu:
-        # The mask must equal the forward's bit for bit, which the fastmath
-        # reduction cannot guarantee; mask dy into dx's buffer first (dx is
-        # overwritten by the apply sweep below), then reduce the masked values.
-        _planes_relu_mask_grad(x, dy, mean_hi, mean_lo, scale, shift, dx)
-        _planes_grad_partials(
-            x, dx, mean, n_outer_chunks, n_inner_chunks, part_sum_dy, part_sum_dy_xc
+        _planes_grad_partials_relu(
+            x, dy, mean, mean_hi, mean_lo, scale, shift, n_outer_chunks, n_inner_chunks,
+            part_sum_dy, part_sum_dy_xc,
         )
     else:
         _planes_grad_partials(
