@@ -387,7 +387,9 @@ class BatchNorm:
         self._ctx = ctx
         return y
 
-    __call__ = forward
+    def __call__(self, x) -> np.ndarray:
+        """Same as :meth:`forward`."""
+        return self.forward(x)
 
     def _update_running_stats(self, ctx) -> None:
         count = self.num_batches_tracked + 1

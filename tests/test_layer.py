@@ -248,6 +248,10 @@ def test_torch_state_dict_loads_and_gives_torch_eval_output(rng, dtype, torch_dt
     # a float32 source holds float32-rounded values: compare at float32 precision then
     tol_dtype = np.float64 if (dtype == np.float64 and torch_dtype == "float64") else np.float32
     assert_close(bn(x), expected, tol_dtype)
+    # torch tensors themselves (CPU, no grad) go through np.asarray as well
+    direct = BatchNorm(C, momentum=0.3, dtype=dtype).eval()
+    direct.load_state_dict(tbn.state_dict())
+    np.testing.assert_array_equal(direct(x), bn(x))
 
 
 def test_batch_of_one_raises_like_torch(rng):
@@ -269,6 +273,12 @@ def test_batch_of_one_raises_like_torch(rng):
     bn.eval()
     tbn(torch.tensor(x))
     assert np.isfinite(bn(x)).all()
+    # without running statistics eval mode uses batch statistics: a batch of one fails
+    tbn = torch.nn.BatchNorm1d(C, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        tbn(torch.tensor(x))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm(C, track_running_stats=False).eval()(x)
 
 
 # ---------------------------------------------------------------------------
