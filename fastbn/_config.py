@@ -152,17 +152,48 @@ def _current_layer() -> str | None:
     return _layer_in_use
 
 
-def launch_guard():
-    """Context manager held around every kernel launch.
+#: Below this many elements a kernel runs on the calling thread alone: waking
+#: the thread team costs more than it saves (about 2 us per parallel region
+#: here, and up to a scheduler quantum when the machine is busy).  Chunking
+#: never depends on the thread count, so the results are the same bits.
+SMALL_PROBLEM: int = 1 << 15
 
-    A real lock when the layer is (or may turn out to be) ``workqueue``, a
-    no-op otherwise.  Before the first launch the layer is unknown, so the
-    first launches take the lock.
+
+class _SingleThreadScope:
+    """Run the enclosed kernel launch with one Numba thread (a per-thread setting)."""
+
+    __slots__ = ("_lock", "_threads")
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def __enter__(self):
+        if self._lock is not None:
+            self._lock.acquire()
+        self._threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+
+    def __exit__(self, *exc_info):
+        numba.set_num_threads(self._threads)
+        if self._lock is not None:
+            self._lock.release()
+
+
+_NO_GUARD = nullcontext()
+
+
+def launch_guard(size: int = SMALL_PROBLEM):
+    """Context manager held around every kernel launch on ``size`` elements.
+
+    Takes a real lock when the threading layer is (or may turn out to be)
+    ``workqueue``; before the first launch the layer is unknown, so the first
+    launches take the lock.  Small problems run single-threaded.
     """
     layer = _current_layer()
-    if layer is None or layer == "workqueue":
-        return _launch_lock
-    return nullcontext()
+    lock = _launch_lock if layer is None or layer == "workqueue" else None
+    if size < SMALL_PROBLEM:
+        return _SingleThreadScope(lock)
+    return _NO_GUARD if lock is None else lock
 
 
 def threading_layer() -> str | None:

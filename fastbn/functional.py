@@ -222,7 +222,7 @@ def batch_stats(x, axis: int = 1):
     view, rows = _layout(x, axis)
     mean = np.empty(n_channels)
     var = np.empty(n_channels)
-    with launch_guard():
+    with launch_guard(x.size):
         if rows:
             _kernels.moments_rows(view, mean, var)
         else:
@@ -275,7 +275,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     inv_std = np.empty(n_channels)
     relu = bool(relu)
     kernel = _kernels.train_forward_rows if rows else _kernels.train_forward_planes
-    with launch_guard():
+    with launch_guard(x.size):
         kernel(view, weight, bias, eps, relu, y_view, mean, var, inv_std)
     ctx = BatchNormContext(view, x.shape, axis, mean, var, inv_std, weight, bias,
                            gamma_dtype, beta_dtype, relu, True)
@@ -308,7 +308,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
     inv_std = np.empty(n_channels)
     relu = bool(relu)
     kernel = _kernels.inference_rows if rows else _kernels.inference_planes
-    with launch_guard():
+    with launch_guard(x.size):
         kernel(view, mean, var, eps, weight, bias, relu, y.reshape(view.shape), inv_std)
     if not return_context:
         return y
@@ -359,7 +359,7 @@ def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
     dgamma = np.empty(n_channels)
     dbeta = np.empty(n_channels)
     kernel = _kernels.backward_rows if view.ndim == 2 else _kernels.backward_planes
-    with launch_guard():
+    with launch_guard(view.size):
         kernel(view, dy.reshape(view.shape), ctx.mean, ctx.inv_std, ctx.weight, ctx.bias,
                ctx.relu, ctx.batch_stats, dx.reshape(view.shape), dgamma, dbeta)
     dgamma = None if ctx.gamma_dtype is None else dgamma.astype(ctx.gamma_dtype, copy=False)
