@@ -493,22 +493,24 @@ def _planes_grad_partials_relu(
 
 
 # ---------------------------------------------------------------------------
-# Backward apply sweep: dx = k_dy * dy' - k_const - k_xc * (x - mean)
+# Backward apply sweep: dx = k_dy * dy' - k_const - k_xhat * (x - mean) * inv_std
 # ---------------------------------------------------------------------------
 
 
 @njit(cache=CACHE, inline="always")
-def _grad_input(x_value, dy_value, hi, lo, s, b, k_dy, k_const, k_xc, relu, zero):
-    """dx for one element: k_dy*dy' - k_const - k_xc*(x - mean), centred as in the forward."""
+def _grad_input(x_value, dy_value, hi, lo, s, b, inv_std, k_dy, k_const, k_xhat, relu, zero):
+    """dx for one element: k_dy*dy' - k_const - k_xhat*x_hat, centred as in the forward."""
     xc = (x_value - hi) - lo
     g = dy_value
     if relu and not xc * s + b > zero:
         g = zero
-    return k_dy * g - k_const - k_xc * xc
+    return k_dy * g - k_const - k_xhat * (xc * inv_std)
 
 
 @njit(cache=CACHE, parallel=PARALLEL)
-def _rows_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc, dx):
+def _rows_apply(
+    x, dy, mean_hi, mean_lo, scale, shift, inv_std, relu, k_dy, k_const, k_xhat, dx
+):
     outer, n_channels = x.shape
     zero = dy.dtype.type(0)
     # Groups of four rows share each load of the per-channel constants.
@@ -520,12 +522,12 @@ def _rows_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc
             ga, gb, gc, gd = dy[r0], dy[r0 + 1], dy[r0 + 2], dy[r0 + 3]
             da, db, dc, dd = dx[r0], dx[r0 + 1], dx[r0 + 2], dx[r0 + 3]
             for c in range(n_channels):
-                h, lo, s, b = mean_hi[c], mean_lo[c], scale[c], shift[c]
-                a, k0, k1 = k_dy[c], k_const[c], k_xc[c]
-                da[c] = _grad_input(xa[c], ga[c], h, lo, s, b, a, k0, k1, relu, zero)
-                db[c] = _grad_input(xb[c], gb[c], h, lo, s, b, a, k0, k1, relu, zero)
-                dc[c] = _grad_input(xc[c], gc[c], h, lo, s, b, a, k0, k1, relu, zero)
-                dd[c] = _grad_input(xd[c], gd[c], h, lo, s, b, a, k0, k1, relu, zero)
+                h, lo, s, b, r = mean_hi[c], mean_lo[c], scale[c], shift[c], inv_std[c]
+                a, k0, k1 = k_dy[c], k_const[c], k_xhat[c]
+                da[c] = _grad_input(xa[c], ga[c], h, lo, s, b, r, a, k0, k1, relu, zero)
+                db[c] = _grad_input(xb[c], gb[c], h, lo, s, b, r, a, k0, k1, relu, zero)
+                dc[c] = _grad_input(xc[c], gc[c], h, lo, s, b, r, a, k0, k1, relu, zero)
+                dd[c] = _grad_input(xd[c], gd[c], h, lo, s, b, r, a, k0, k1, relu, zero)
         else:
             for r in range(r0, r1):
                 x_row = x[r]
@@ -534,64 +536,65 @@ def _rows_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc
                 for c in range(n_channels):
                     dx_row[c] = _grad_input(
                         x_row[c], dy_row[c], mean_hi[c], mean_lo[c], scale[c], shift[c],
-                        k_dy[c], k_const[c], k_xc[c], relu, zero,
+                        inv_std[c], k_dy[c], k_const[c], k_xhat[c], relu, zero,
                     )
 
 
 @njit(cache=CACHE, parallel=PARALLEL)
-def _planes_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc, dx):
+def _planes_apply(
+    x, dy, mean_hi, mean_lo, scale, shift, inv_std, relu, k_dy, k_const, k_xhat, dx
+):
     outer, n_channels, inner = x.shape
     zero = dy.dtype.type(0)
     for p in prange(outer * n_channels):
         o = p // n_channels
         c = p % n_channels
-        hi = mean_hi[c]
-        lo = mean_lo[c]
-        s = scale[c]
-        b = shift[c]
-        a = k_dy[c]
-        k0 = k_const[c]
-        k1 = k_xc[c]
+        h, lo, s, b, r = mean_hi[c], mean_lo[c], scale[c], shift[c], inv_std[c]
+        a, k0, k1 = k_dy[c], k_const[c], k_xhat[c]
         x_plane = x[o, c]
         dy_plane = dy[o, c]
         dx_plane = dx[o, c]
         if relu:
             for i in range(inner):
-                xc = (x_plane[i] - hi) - lo
-                g = dy_plane[i] if xc * s + b > zero else zero
-                dx_plane[i] = a * g - k0 - k1 * xc
+                dx_plane[i] = _grad_input(x_plane[i], dy_plane[i], h, lo, s, b, r, a, k0, k1,
+                                          True, zero)
         else:
             for i in range(inner):
-                xc = (x_plane[i] - hi) - lo
-                dx_plane[i] = a * dy_plane[i] - k0 - k1 * xc
+                dx_plane[i] = _grad_input(x_plane[i], dy_plane[i], h, lo, s, b, r, a, k0, k1,
+                                          False, zero)
 
 
 @njit(cache=CACHE)
 def _backward_constants(
     sum_dy, sum_dy_xc, inv_std, weight, count, batch_stats, like, dgamma_out, dbeta_out
 ):
-    """Closed-form backward constants, so that dx = k_dy*dy' - k_const - k_xc*(x - mean).
+    """Closed-form backward constants, so that dx = k_dy*dy' - k_const - k_xhat*x_hat.
 
     dbeta = sum(dy'),  dgamma = inv_std * sum(dy' * (x - mean)), and with batch
     statistics (training)
-        dx = weight*inv_std * (dy' - dbeta/N - (x - mean)*inv_std*dgamma/N);
+        dx = weight*inv_std * (dy' - dbeta/N - x_hat*dgamma/N);
     with fixed statistics (eval) the mean and variance are constants, so
         dx = weight*inv_std * dy'.
+    The last term is applied to ``x_hat = (x - mean) * inv_std`` rather than
+    folding a second ``inv_std`` into the constant: ``weight*inv_std**2`` would
+    underflow float32 for data of magnitude ~1e19 and beyond.
     """
     n_channels = sum_dy.shape[0]
     k_dy = np.empty(n_channels, like.dtype)
     k_const = np.zeros(n_channels, like.dtype)
-    k_xc = np.zeros(n_channels, like.dtype)
+    k_xhat = np.zeros(n_channels, like.dtype)
+    inv_std_d = np.empty(n_channels, like.dtype)
     for c in range(n_channels):
         dgamma = inv_std[c] * sum_dy_xc[c]
         dgamma_out[c] = dgamma
         dbeta_out[c] = sum_dy[c]
         gain = weight[c] * inv_std[c]
         k_dy[c] = gain
+        inv_std_d[c] = inv_std[c]
         if batch_stats:
             k_const[c] = gain * sum_dy[c] / count
-            k_xc[c] = gain * inv_std[c] * dgamma / count
-    return k_dy, k_const, k_xc
+            k_xhat[c] = gain * dgamma / count
+    return k_dy, k_const, k_xhat, inv_std_d
 
 
 # ---------------------------------------------------------------------------
@@ -651,11 +654,12 @@ def backward_rows(
     sum_dy = np.empty(n_channels)
     sum_dy_xc = np.empty(n_channels)
     _merge_sums(part_sum_dy, part_sum_dy_xc, sum_dy, sum_dy_xc)
-    k_dy, k_const, k_xc = _backward_constants(
+    k_dy, k_const, k_xhat, inv_std_d = _backward_constants(
         sum_dy, sum_dy_xc, inv_std, weight, np.float64(outer), batch_stats, x,
         dgamma_out, dbeta_out,
     )
-    _rows_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc, dx)
+    _rows_apply(x, dy, mean_hi, mean_lo, scale, shift, inv_std_d, relu, k_dy, k_const, k_xhat,
+                dx)
 
 
 @njit(cache=CACHE, nogil=True)
@@ -681,11 +685,12 @@ def backward_planes(
     sum_dy = np.empty(n_channels)
     sum_dy_xc = np.empty(n_channels)
     _merge_sums(part_sum_dy, part_sum_dy_xc, sum_dy, sum_dy_xc)
-    k_dy, k_const, k_xc = _backward_constants(
+    k_dy, k_const, k_xhat, inv_std_d = _backward_constants(
         sum_dy, sum_dy_xc, inv_std, weight, np.float64(outer * inner), batch_stats, x,
         dgamma_out, dbeta_out,
     )
-    _planes_apply(x, dy, mean_hi, mean_lo, scale, shift, relu, k_dy, k_const, k_xc, dx)
+    _planes_apply(x, dy, mean_hi, mean_lo, scale, shift, inv_std_d, relu, k_dy, k_const, k_xhat,
+                  dx)
 
 
 harden_cache(globals())
