@@ -64,6 +64,7 @@ import json
 import math
 import operator
 import os
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -617,7 +618,7 @@ class BatchNorm:
             np.savez(file, **arrays)
             return
         path = os.fspath(file)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
