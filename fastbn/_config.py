@@ -12,6 +12,11 @@ from contextlib import nullcontext
 
 import numba
 
+try:  # POSIX: inter-process lock around compile-cache reads and writes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
@@ -68,15 +73,21 @@ CACHE: bool = CACHE_DIR is not None
 
 
 def harden_cache(namespace: dict) -> None:
-    """Make every cached dispatcher in ``namespace`` survive a corrupt cache entry.
+    """Make every cached dispatcher in ``namespace`` safe against a bad cache.
 
-    Numba unpickles its cache index and data files without catching errors,
-    so a truncated or garbled file (a full disk, a killed process, a file
-    from another build) would raise on the first call of a kernel.  We wrap the
-    two cache entry points: a failed load is treated as a cache miss (Numba
-    then compiles and rewrites the entry), and a failed save -- which re-reads
-    the index -- removes the broken index and tries once more, then gives up
-    silently: the kernel still works, it is just not cached.
+    Two failure modes of Numba's on-disk cache are handled:
+
+    * Corruption.  Numba unpickles its index and data files without catching
+      errors, so a truncated or garbled file (a full disk, a killed process)
+      would raise on the first call.  A failed load is treated as a miss
+      (Numba compiles and rewrites the entry); a failed save -- which
+      re-reads the index -- removes the broken index and tries once more, then
+      gives up silently: the kernel works, it is just not cached.
+    * Races between processes.  A save reads the index, picks a free data
+      file name and writes both; two processes saving different signatures at
+      once can leave an index entry pointing at the other signature's machine
+      code, which crashes when loaded.  Loads and saves therefore hold an
+      exclusive ``flock`` on a lock file in the cache directory.
     """
     for dispatcher in namespace.values():
         cache = getattr(dispatcher, "_cache", None)
@@ -85,28 +96,57 @@ def harden_cache(namespace: dict) -> None:
         _wrap_cache(cache)
 
 
+class _CacheFileLock:
+    """Exclusive inter-process lock on ``<cache dir>/fastbn-cache.lock`` (POSIX only)."""
+
+    def __init__(self, directory: str | None):
+        self._path = os.path.join(directory, "fastbn-cache.lock") if directory else None
+        self._file = None
+
+    def __enter__(self):
+        if self._path is None or fcntl is None:
+            return self
+        try:
+            self._file = open(self._path, "a")  # noqa: SIM115 - closed in __exit__
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        except OSError:  # cannot lock: proceed unlocked rather than fail
+            self._close()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._close()
+
+    def _close(self):
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
 def _wrap_cache(cache) -> None:
     load_overload = cache.load_overload
     save_overload = cache.save_overload
+    directory = getattr(cache, "cache_path", None) or CACHE_DIR
 
     def safe_load(sig, target_context):
-        try:
-            return load_overload(sig, target_context)
-        except Exception:
-            return None
+        with _CacheFileLock(directory):
+            try:
+                return load_overload(sig, target_context)
+            except Exception:
+                return None
 
     def safe_save(sig, data):
-        try:
-            return save_overload(sig, data)
-        except Exception:
-            index_path = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
-            if index_path:
-                try:
-                    os.remove(index_path)
-                    return save_overload(sig, data)
-                except Exception:
-                    return None
-            return None
+        with _CacheFileLock(directory):
+            try:
+                return save_overload(sig, data)
+            except Exception:
+                index_path = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+                if index_path:
+                    try:
+                        os.remove(index_path)
+                        return save_overload(sig, data)
+                    except Exception:
+                        return None
+                return None
 
     cache.load_overload = safe_load
     cache.save_overload = safe_save

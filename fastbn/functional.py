@@ -157,7 +157,9 @@ def _per_channel(values, name: str, n_channels: int, fill: float | None):
             f"{name} must have shape ({n_channels},) to match the {n_channels} channels of x, "
             f"got shape {values.shape}"
         )
-    return np.ascontiguousarray(values, dtype=np.float64), values.dtype
+    # Always a copy: the context keeps it for backward, and callers update
+    # their parameters in place between forward and backward.
+    return np.array(values, dtype=np.float64), values.dtype
 
 
 def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.ndarray:
@@ -288,7 +290,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
     """Inference-mode batch normalization with fixed statistics (one sweep).
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta`` (then
-    ReLU if ``relu``).  ``running_var`` must be non-negative.  With
+    ReLU if ``relu``).  ``running_mean`` must be finite and ``running_var``
+    finite and non-negative (ValueError otherwise).  With
     ``return_context=True`` returns ``(y, ctx)``; :func:`batch_norm_backward`
     then treats the statistics as constants (``dx = dy' * gamma * inv_std``).
     Any number of values per channel, including 1, is accepted.
@@ -299,8 +302,12 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
     eps = _check_eps(eps)
     mean, _ = _per_channel(running_mean, "running_mean", n_channels, None)
     var, _ = _per_channel(running_var, "running_var", n_channels, None)
-    if np.any(var < 0):
-        raise ValueError("running_var must be non-negative")
+    if not np.all(np.isfinite(mean)):
+        raise ValueError("running_mean must be finite (it holds NaN or Inf)")
+    if not np.all(var >= 0) or not np.all(np.isfinite(var)):
+        raise ValueError(
+            "running_var must be non-negative and finite (it holds a negative value, NaN or Inf)"
+        )
     weight, gamma_dtype = _per_channel(gamma, "gamma", n_channels, 1.0)
     bias, beta_dtype = _per_channel(beta, "beta", n_channels, 0.0)
     y = np.empty_like(x) if out is None else _check_out(out, "out", x.shape, x.dtype, x)
