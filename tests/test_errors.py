@@ -351,6 +351,34 @@ def test_negative_running_var(bad):
     assert np.all(np.isfinite(fastbn.batch_norm_inference(_x(), np.zeros(C), var)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_non_finite_running_statistics(name, bad):
+    stats = dict(zip(("running_mean", "running_var"), _stats(), strict=True))
+    stats[name][2] = bad
+    with pytest.raises(ValueError, match=rf"{name} must be"):
+        fastbn.batch_norm_inference(_x(), **stats)
+
+
+def test_out_aliasing_a_non_contiguous_x_is_refused_or_harmless():
+    """x in Fortran order is copied first; out == x.T (C-contiguous, same memory)
+    must either be refused or give the result of a separate buffer."""
+    x = np.asfortranarray(_x((5, 5)))
+    expected, ctx_expected = fastbn.batch_norm_forward(x.copy())
+    dy = _x((5, 5)) + 1
+    dx_expected = fastbn.batch_norm_backward(dy, ctx_expected)[0]
+    out = x.T
+    assert out.flags.c_contiguous and np.shares_memory(out, x)
+    try:
+        y, ctx = fastbn.batch_norm_forward(x, out=out)
+    except ValueError as exc:
+        assert "out" in str(exc)
+        return
+    assert y is out
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(fastbn.batch_norm_backward(dy, ctx)[0], dx_expected)
+
+
 def test_context_is_immutable():
     ctx = _ctx()
     with pytest.raises(AttributeError):

@@ -245,6 +245,19 @@ def test_context_can_be_reused_and_inputs_are_not_modified(rng):
         np.testing.assert_allclose(third[0], 2 * first[0], rtol=1e-5, atol=1e-6)
 
 
+def test_backward_uses_the_parameters_of_the_forward_call(rng):
+    """Updating gamma/beta in place between forward and backward (an optimizer
+    step) does not change the gradients of the forward that was run."""
+    for shape, relu in [((10, 4, 6), True), ((30, 4), True), ((30, 4), False)]:
+        x, gamma, beta, dy = make_data(rng, shape, 1, np.float64)
+        _, ctx = fastbn.batch_norm_forward(x, gamma, beta, relu=relu)
+        expected = fastbn.batch_norm_backward(dy, ctx)
+        gamma *= -3.0
+        beta += 5.0
+        for a, b in zip(fastbn.batch_norm_backward(dy, ctx), expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_accepts_array_likes(rng):
     x = [[1.0, 2.0], [3.0, 5.0], [4.0, -1.0]]
     y, ctx = fastbn.batch_norm_forward(x, [1.5, 0.5], [0.0, 1.0])
@@ -535,6 +548,40 @@ def test_train_relu_matches_torch_float64(rng, shape, axis):
     assert rel_err(dx, dx_t, dx_scale(dx_t, gamma, ctx.inv_std, dy, axis)) <= 1e-12
     assert rel_err(dg, dg_t) <= 1e-12
     assert rel_err(db, db_t) <= 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Large inputs: every chunked path (several row chunks and channel blocks,
+# several plane chunks, planes split inside) merged correctly
+# ---------------------------------------------------------------------------
+
+LARGE_CASES = [((600, 2100), 1), ((1, 3, 70000), 1), ((3, 4, 100, 100), 1),
+               ((16, 20, 20, 40), -1)]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis"), LARGE_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-axis{a}" for s, a in LARGE_CASES])
+def test_large_chunked_inputs_match_reference(rng, shape, axis, dtype, relu):
+    x, gamma, beta, dy = make_data(rng, shape, axis, np.float64)
+    # A strong trend along the flattened data: chunks have very different means,
+    # so merging per-chunk statistics (Chan's formula) is exercised for real.
+    x = (x + np.linspace(0, 40, x.size).reshape(shape) + 100).astype(dtype)
+    gamma, beta, dy = gamma.astype(dtype), beta.astype(dtype), dy.astype(dtype)
+    y, ctx = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, relu=relu)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, ctx)
+    up = [a.astype(np.float64) for a in (x, gamma, beta, dy)]
+    y_lin, cache = reference.forward(up[0], up[1], up[2], axis=axis)
+    mask = (y > 0) if relu else np.ones(shape, bool)
+    ref_dx, ref_dg, ref_db = reference.backward(up[3] * mask, cache)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    assert rel_err(ctx.var, cache["var"].ravel()) <= 1e-12
+    assert rel_err(ctx.mean, cache["mean"].ravel()) <= 1e-14
+    assert rel_err(y, np.maximum(y_lin, 0) if relu else y_lin) <= tol
+    assert rel_err(dx, ref_dx, dx_scale(ref_dx, gamma, ctx.inv_std, up[3] * mask, axis)) <= tol
+    assert rel_err(dgamma, ref_dg) <= tol
+    assert rel_err(dbeta, ref_db) <= tol
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
