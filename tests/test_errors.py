@@ -86,6 +86,24 @@ def test_bad_parameter_dtype(name, dtype):
             fastbn.batch_norm_forward(_x(), **{name: kwargs[name]})
 
 
+@pytest.mark.parametrize("where", ["x", "gamma"])
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_non_native_byte_order_works_or_says_so(where, dtype):
+    """Big-endian float32/float64 (e.g. from a file) is either normalized like the
+    native array or refused with a message about byte order -- not with "must
+    have dtype float32 or float64, got >f4", which reads as a contradiction."""
+    x = _x(dtype=np.dtype(dtype).newbyteorder("="))
+    gamma = np.linspace(0.5, 2, C, dtype=np.dtype(dtype).newbyteorder("="))
+    expected, _ = fastbn.batch_norm_forward(x, gamma)
+    args = (x.astype(dtype), gamma) if where == "x" else (x, gamma.astype(dtype))
+    try:
+        y, _ = fastbn.batch_norm_forward(*args)
+    except TypeError as exc:
+        assert "byte order" in str(exc) or "endian" in str(exc), str(exc)
+        return
+    np.testing.assert_array_equal(y, expected)
+
+
 # ---------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------
