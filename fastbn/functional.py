@@ -9,7 +9,7 @@ reduced)::
     x_hat   = (x - mean) * inv_std
     y       = gamma * x_hat + beta                (then max(y, 0) if relu)
 
-    dy'     = dy * (y > 0) if relu else dy
+    dy'     = where(y > 0, dy, 0) if relu else dy   (NaN in dy where y <= 0 gives 0)
     dbeta   = sum(dy')
     dgamma  = sum(dy' * x_hat)
     dx      = gamma * inv_std / N * (N * dy' - dbeta - x_hat * dgamma)
@@ -99,18 +99,26 @@ class BatchNormContext:
 
 
 def _check_float_dtype(dtype: np.dtype, name: str) -> None:
-    if dtype in _SUPPORTED:
+    """Accept float32/float64 in either byte order (callers convert to native)."""
+    if dtype.newbyteorder("=") in _SUPPORTED:
         return
-    if dtype == np.float16:
+    if dtype.kind == "f" and dtype.itemsize == 2:
         raise TypeError(f"{name} has dtype float16, which fastbn does not support; cast to float32")
     raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
 
 
 def _as_data(x, name: str) -> np.ndarray:
-    """Validate a data array (x or dy) and return it C-contiguous."""
-    if not isinstance(x, np.ndarray):
+    """Validate a data array (x or dy); return a native-endian, C-contiguous ndarray.
+
+    Array subclasses are viewed as plain ndarrays (outputs are plain ndarrays),
+    except masked arrays, whose mask batch norm cannot honour.
+    """
+    if type(x) is not np.ndarray:
         if x is None:
             raise TypeError(f"{name} must be an array, got None")
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a masked array; fastbn ignores no values: pass "
+                            f"{name}.filled(...) or the unmasked values")
         x = np.asarray(x)
     _check_float_dtype(x.dtype, name)
     if x.ndim < 2:
@@ -119,6 +127,8 @@ def _as_data(x, name: str) -> np.ndarray:
         )
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); batch norm needs at least one value")
+    if not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="), order="C")
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
     return x
@@ -262,6 +272,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
         Pass to :func:`batch_norm_backward`; ``ctx.mean`` and ``ctx.var`` are the
         batch statistics (float64).
     """
+    x_given = x
     x = _as_data(x, "x")
     axis = _normalize_axis(axis, x.ndim)
     n_channels = x.shape[axis]
@@ -269,7 +280,8 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     weight, gamma_dtype = _per_channel(gamma, "gamma", n_channels, 1.0)
     bias, beta_dtype = _per_channel(beta, "beta", n_channels, 0.0)
     _check_training_count(x, n_channels)
-    y = np.empty_like(x) if out is None else _check_out(out, "out", x.shape, x.dtype, x)
+    y = (np.empty(x.shape, x.dtype) if out is None
+         else _check_out(out, "out", x.shape, x.dtype, x, x_given))
     view, rows = _layout(x, axis)
     y_view = y.reshape(view.shape)
     mean = np.empty(n_channels)
@@ -296,6 +308,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
     then treats the statistics as constants (``dx = dy' * gamma * inv_std``).
     Any number of values per channel, including 1, is accepted.
     """
+    x_given = x
     x = _as_data(x, "x")
     axis = _normalize_axis(axis, x.ndim)
     n_channels = x.shape[axis]
@@ -310,7 +323,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
         )
     weight, gamma_dtype = _per_channel(gamma, "gamma", n_channels, 1.0)
     bias, beta_dtype = _per_channel(beta, "beta", n_channels, 0.0)
-    y = np.empty_like(x) if out is None else _check_out(out, "out", x.shape, x.dtype, x)
+    y = (np.empty(x.shape, x.dtype) if out is None
+         else _check_out(out, "out", x.shape, x.dtype, x, x_given))
     view, rows = _layout(x, axis)
     inv_std = np.empty(n_channels)
     relu = bool(relu)
@@ -354,14 +368,15 @@ def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
             f"ctx must be the BatchNormContext returned by batch_norm_forward, "
             f"got {type(ctx).__name__}"
         )
+    dy_given = dy
     dy = _as_data(dy, "dy")
     if dy.shape != ctx.shape:
         raise ValueError(f"dy must have the shape of x, {ctx.shape}, got {dy.shape}")
-    if dy.dtype != ctx.dtype:
+    if dy.dtype != ctx.dtype:  # both native-endian here
         raise TypeError(f"dy must have the dtype of x, {ctx.dtype}, got {dy.dtype}")
     view = ctx.x_view
     dx = (np.empty(ctx.shape, ctx.dtype) if out is None
-          else _check_out(out, "out", ctx.shape, ctx.dtype, view, dy))
+          else _check_out(out, "out", ctx.shape, ctx.dtype, view, dy, dy_given))
     n_channels = ctx.mean.shape[0]
     dgamma = np.empty(n_channels)
     dbeta = np.empty(n_channels)
