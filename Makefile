@@ -24,3 +24,33 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# --- benchmarks and the performance gate (bench/) ---------------------------
+# `make bench` installs the bench extra (JAX, autograd, matplotlib, rich) and,
+# optionally, PyTorch; whatever fails to install is skipped as a peer, so the
+# benchmark still runs with only the NumPy baselines.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_TORCH ?= torch==2.13.0
+BENCH_ARGS  ?=
+BASE        ?= HEAD~1
+
+.PHONY: perf-gate perf-compare
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,bench]' || { \
+	  echo "bench: the bench extra did not install as a whole; trying its packages one by one"; \
+	  for p in 'jax[cpu]' autograd matplotlib rich psutil; do \
+	    $(BIN)/python -m pip install -q "$$p" || echo "bench: $$p unavailable (peer/feature skipped)"; \
+	  done; }
+	$(if $(BENCH_TORCH),$(BIN)/python -m pip install -q '$(BENCH_TORCH)' \
+	  || echo "bench: $(BENCH_TORCH) unavailable; the PyTorch peer will be skipped",)
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.cli $(BENCH_ARGS)
+
+perf-gate: $(STAMP)
+	$(BIN)/python -m bench.perf_gate
+
+perf-compare: $(STAMP)
+	$(BIN)/python -m bench.perf_compare --base '$(BASE)'

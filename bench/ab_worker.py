@@ -83,10 +83,18 @@ def build(fastbn, case, op, seed):
 
 
 def main():
+    import os
+
+    root = os.path.realpath(os.environ.get("FASTBN_AB_ROOT", os.getcwd()))
     try:
         import fastbn
     except Exception as exc:
-        reply({"error": f"cannot import fastbn: {exc.__class__.__name__}: {exc}"})
+        reply({"error": f"cannot import fastbn from {root}: {exc.__class__.__name__}: {exc}"})
+        return 0
+    found = os.path.realpath(getattr(fastbn, "__file__", None) or "?")
+    if not found.startswith(root + os.sep):
+        # e.g. an editable install elsewhere answered the import: not this tree's fastbn
+        reply({"error": f"no fastbn package in {root} (the import found {found})"})
         return 0
     reply({"ready": True, "version": getattr(fastbn, "__version__", "?"),
            "file": getattr(fastbn, "__file__", "?")})

@@ -68,6 +68,7 @@ class Worker:
         self.name, self.root, self.timeout = name, Path(root), timeout
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.root)
+        env["FASTBN_AB_ROOT"] = str(self.root)
         env.pop("PYTHONSTARTUP", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER_SOURCE], cwd=self.root, env=env,

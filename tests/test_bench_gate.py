@@ -1,0 +1,86 @@
+"""The CI performance gate: its pass/fail logic, its committed thresholds, and that it
+goes red on a real regression (FASTBN_SLOW_FALLBACK=1: serial kernels, no fastmath)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.perf_gate import GATE_CASES, THRESHOLD_FRACTION, THRESHOLDS, evaluate, load_thresholds
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The case the red-gate demonstration runs: small, channels-first, where the
+#: slow fallback loses both threads and the vectorized (fastmath) reductions.
+RED_CASE = "nchw-16x32x28x28-f32/fwdbwd"
+
+
+def test_evaluate_pass_and_fail_on_synthetic_ratios():
+    thresholds = {"a/fwdbwd": 3.0, "b/forward": 2.0}
+    verdicts = evaluate({"a/fwdbwd": 3.5, "b/forward": 1.2}, thresholds,
+                        measured={"b/forward": 3.4})
+    by_id = {v.case_id: v for v in verdicts}
+    assert by_id["a/fwdbwd"].passed
+    assert by_id["a/fwdbwd"].message.startswith("PASS a/fwdbwd")
+    fail = by_id["b/forward"]
+    assert not fail.passed
+    assert fail.message.startswith("FAIL b/forward")
+    assert "1.20x" in fail.message and "threshold 2.00x" in fail.message
+    assert "3.40x on a quiet run" in fail.message
+
+
+def test_evaluate_boundary_nan_and_ungated():
+    verdicts = evaluate({"exact": 2.0, "nan": math.nan, "free": 0.1},
+                        {"exact": 2.0, "nan": 1.0})
+    by_id = {v.case_id: v for v in verdicts}
+    assert by_id["exact"].passed  # at the threshold passes
+    assert not by_id["nan"].passed  # a case that could not be timed fails
+    assert by_id["free"].passed and by_id["free"].threshold is None
+    assert "not gated" in by_id["free"].message
+
+
+def test_committed_thresholds_are_consistent():
+    doc = json.loads(THRESHOLDS.read_text())
+    thresholds, measured = load_thresholds()
+    assert thresholds, "no gated cases"
+    assert RED_CASE in thresholds
+    for case_id, entry in doc["cases"].items():
+        assert case_id in GATE_CASES, f"{case_id} is not a gate case"
+        assert len(entry["measured"]) >= 3
+        assert entry["measured_min"] == pytest.approx(min(entry["measured"]), abs=1e-3)
+        assert thresholds[case_id] == pytest.approx(
+            THRESHOLD_FRACTION * measured[case_id], abs=0.01)
+        assert thresholds[case_id] > 1.0, "a threshold at or below 1x gates nothing"
+
+
+def _run_gate(args, env_updates, timeout=180):
+    env = dict(os.environ)
+    for key in ("FASTBN_SLOW_FALLBACK", "FASTBN_NO_CACHE"):
+        env.pop(key, None)
+    env.update(env_updates)
+    return subprocess.run([sys.executable, "-m", "bench.perf_gate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_gate_goes_red_under_slow_fallback():
+    proc = _run_gate(["--cases", RED_CASE, "--repeats", "7", "--retries", "0"],
+                     {"FASTBN_SLOW_FALLBACK": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "FASTBN_SLOW_FALLBACK is set" in out
+    assert f"FAIL {RED_CASE}: fastbn is only" in out, out
+    assert "below the committed threshold" in out
+    assert "perf-gate: FAILED - 1 of 1 cases below threshold" in out
+
+
+def test_gate_lists_cases():
+    proc = _run_gate(["--list"], {}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for case_id in GATE_CASES:
+        assert case_id in proc.stdout
