@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -34,6 +35,20 @@ def _init(a, b, c):
 def _triad(a, b, c, s):
     for i in prange(a.shape[0]):
         a[i] = b[i] + s * c[i]
+
+
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """Size of the largest CPU cache (Linux sysfs), or ``default`` when unknown."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for entry in base.glob("index*/size") if base.is_dir() else []:
+        try:
+            text = entry.read_text().strip().upper()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return best or default
 
 
 def stream_triad(elements: int = DEFAULT_ELEMENTS, runs: int = DEFAULT_RUNS) -> dict:
