@@ -97,3 +97,16 @@ def test_worktree_base_runs_and_is_removed():
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
                                text=True).stdout
     assert "fastbn-base-" not in worktrees
+
+
+@pytest.mark.slow
+def test_compare_goes_red_on_a_real_slowdown():
+    """Head = this tree with the slow fallback (serial, no fastmath): confirmed SLOWER, exit 1."""
+    case = "nchw-16x32x28x28-f32/fwdbwd"
+    proc = _compare("--base-path", str(ROOT), "--cases", case, "--pairs", "7", "--target",
+                    "0.01", "--head-env", "FASTBN_SLOW_FALLBACK=1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "measuring again to confirm" in out
+    assert f"perf-compare: {case} is " in out and "% slower than" in out
+    assert "perf-compare: FAILED - 1 case(s) slower than the base" in out
