@@ -399,6 +399,8 @@ def main(argv=None) -> int:
           f"numpy {m['versions']['numpy']}, numba {m['versions']['numba']}, "
           f"torch {m['versions']['torch']}, jax {m['versions']['jax']}; "
           f"{m['elapsed_s']:.0f} s")
+    if skipped:
+        print("skipped peers: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     for path, kind in ((args.json, "json"), (args.markdown, "md"), (args.png, "png")):
         if not path:
             continue
