@@ -44,6 +44,8 @@ from ._config import CACHE, PARALLEL, REDUCTION_FASTMATH, harden_cache
 #: Channels per task in the rows layout: 2 x 1024 float64 accumulators = 16 KiB,
 #: resident in L1, and 4 KiB of contiguous float32 per row per task.
 CHANNEL_BLOCK = 1024
+#: Rows at least this long are processed four at a time by elementwise sweeps.
+GROUP_MIN_CHANNELS = 2048
 #: Fewest rows per chunk in the rows layout, so the float64 partials stay a
 #: small fraction (< 4 %) of the bytes read.
 MIN_ROWS_PER_CHUNK = 128
@@ -280,10 +282,13 @@ def _normalize_constants(mean, inv_std, weight, bias, like):
 def _rows_normalize(x, mean_hi, mean_lo, scale, shift, relu, y):
     outer, n_channels = x.shape
     zero = x.dtype.type(0)
-    # Groups of four rows share each load of the per-channel constants.
-    for group in prange((outer + 3) // 4):
-        r0 = group * 4
-        r1 = min(outer, r0 + 4)
+    # Long rows: groups of four rows share each load of the per-channel
+    # constants.  Short rows: one row per iteration is faster (measured 2x at
+    # C = 64), the grouped loop's overhead and alias checks dominating there.
+    group_rows = 4 if n_channels >= GROUP_MIN_CHANNELS else 1
+    for group in prange((outer + group_rows - 1) // group_rows):
+        r0 = group * group_rows
+        r1 = min(outer, r0 + group_rows)
         if r1 - r0 == 4 and not relu:
             xa, xb, xc, xd = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3]
             ya, yb, yc, yd = y[r0], y[r0 + 1], y[r0 + 2], y[r0 + 3]
@@ -513,10 +518,13 @@ def _rows_apply(
 ):
     outer, n_channels = x.shape
     zero = dy.dtype.type(0)
-    # Groups of four rows share each load of the per-channel constants.
-    for group in prange((outer + 3) // 4):
-        r0 = group * 4
-        r1 = min(outer, r0 + 4)
+    # Long rows: groups of four rows share each load of the per-channel
+    # constants.  Short rows: one row per iteration is faster (measured 2x at
+    # C = 64), the grouped loop's overhead and alias checks dominating there.
+    group_rows = 4 if n_channels >= GROUP_MIN_CHANNELS else 1
+    for group in prange((outer + group_rows - 1) // group_rows):
+        r0 = group * group_rows
+        r1 = min(outer, r0 + group_rows)
         if r1 - r0 == 4:
             xa, xb, xc, xd = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3]
             ga, gb, gc, gd = dy[r0], dy[r0 + 1], dy[r0 + 2], dy[r0 + 3]
