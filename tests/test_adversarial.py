@@ -127,6 +127,21 @@ def test_functional_entry_points_on_adversarial_input(case):
             assert not np.isfinite(dgamma[bad])
     assert np.all(np.isfinite(ctx.mean[clean])) and np.all(ctx.var[clean] >= 0)
 
+    # Constant channels have an exact answer: variance 0 and output beta
+    # (relu: max(beta, 0)).  The float64 reference cannot serve as oracle there:
+    # NumPy's rounded mean of equal values leaves noise that it then
+    # normalizes to +-1.  Check them exactly and compare the rest.
+    with np.errstate(invalid="ignore"):
+        constant = clean & (np.ptp(_channels(x_clean, axis), axis=1) == 0)
+    if constant.any():
+        assert np.all(ctx.var[constant] == 0)
+        expected = np.zeros(n_channels) if beta is None else beta.astype(np.float64)
+        expected = np.maximum(expected, 0) if relu else expected
+        y_const = _channels(y, axis)[constant]
+        assert np.array_equal(y_const, np.broadcast_to(expected[constant, None], y_const.shape))
+        assert np.all(np.isfinite(_channels(dx, axis)[constant]))
+        clean = clean & ~constant
+
     # relu near the kink: float32 rounding may flip the mask of an element
     # whose pre-activation is ~1e-7 from 0, which changes dx by a lot there;
     # the mask itself is verified bit-for-bit against y in other tests.
