@@ -65,6 +65,20 @@ def _chunk_bounds(k, n_chunks, length):
     return (k * length) // n_chunks, ((k + 1) * length) // n_chunks
 
 
+@njit(cache=CACHE, inline="always")
+def _plane_task(task, n_channels, n_outer_chunks, n_inner_chunks, outer, inner):
+    """(chunk, channel, o0, o1, i0, i1) of a planes-reduction task.
+
+    Consecutive tasks are neighbouring channels of the same chunk, so threads
+    sweep adjacent planes.
+    """
+    chunk = task // n_channels
+    c = task % n_channels
+    o0, o1 = _chunk_bounds(chunk // n_inner_chunks, n_outer_chunks, outer)
+    i0, i1 = _chunk_bounds(chunk % n_inner_chunks, n_inner_chunks, inner)
+    return chunk, c, o0, o1, i0, i1
+
+
 @njit(cache=CACHE)
 def rows_plan(outer, n_channels):
     """(n_row_chunks, n_channel_blocks) for the rows layout."""
@@ -192,10 +206,9 @@ def _planes_moment_partials(x, n_outer_chunks, n_inner_chunks, part_mean, part_m
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
     for task in prange(n_chunks * n_channels):
-        chunk = task // n_channels
-        c = task % n_channels
-        o0, o1 = _chunk_bounds(chunk // n_inner_chunks, n_outer_chunks, outer)
-        i0, i1 = _chunk_bounds(chunk % n_inner_chunks, n_inner_chunks, inner)
+        chunk, c, o0, o1, i0, i1 = _plane_task(
+            task, n_channels, n_outer_chunks, n_inner_chunks, outer, inner
+        )
         pivot = np.float64(x[o0, c, i0])
         sum_d = 0.0
         sum_d2 = 0.0
@@ -424,10 +437,9 @@ def _planes_grad_partials(
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
     for task in prange(n_chunks * n_channels):
-        chunk = task // n_channels
-        c = task % n_channels
-        o0, o1 = _chunk_bounds(chunk // n_inner_chunks, n_outer_chunks, outer)
-        i0, i1 = _chunk_bounds(chunk % n_inner_chunks, n_inner_chunks, inner)
+        chunk, c, o0, o1, i0, i1 = _plane_task(
+            task, n_channels, n_outer_chunks, n_inner_chunks, outer, inner
+        )
         mu = mean[c]
         sum_dy = 0.0
         sum_dy_xc = 0.0
@@ -463,10 +475,9 @@ def _planes_grad_partials_relu(
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
     for task in prange(n_chunks * n_channels):
-        chunk = task // n_channels
-        c = task % n_channels
-        o0, o1 = _chunk_bounds(chunk // n_inner_chunks, n_outer_chunks, outer)
-        i0, i1 = _chunk_bounds(chunk % n_inner_chunks, n_inner_chunks, inner)
+        chunk, c, o0, o1, i0, i1 = _plane_task(
+            task, n_channels, n_outer_chunks, n_inner_chunks, outer, inner
+        )
         mu = mean[c]
         hi = mean_hi[c]
         lo = mean_lo[c]
