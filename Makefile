@@ -33,6 +33,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_TORCH ?= torch==2.13.0
 BENCH_ARGS  ?=
 BASE        ?= HEAD~1
+COMPARE_ARGS ?=
 
 .PHONY: perf-gate perf-compare
 
@@ -53,4 +54,4 @@ perf-gate: $(STAMP)
 	$(BIN)/python -m bench.perf_gate
 
 perf-compare: $(STAMP)
-	$(BIN)/python -m bench.perf_compare --base '$(BASE)'
+	$(BIN)/python -m bench.perf_compare --base '$(BASE)' $(COMPARE_ARGS)
