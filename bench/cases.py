@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = [
     "Case", "CaseData", "DTYPES", "FULL_SHAPES", "QUICK_SHAPES", "parse_shape", "parse_shapes",
-    "make_data", "bytes_moved", "interleaved", "calibrate_number", "fmt_time",
+    "make_data", "bytes_moved", "interleaved", "calibrate_number", "fmt_time", "case_grid",
 ]
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "f32": np.float32, "f64": np.float64}
@@ -265,3 +265,8 @@ def fmt_time(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def case_grid(pairs: Sequence[tuple[Case, str]]) -> dict[str, tuple[Case, str]]:
+    """``{"<case id>/<op>": (case, op)}``: the id scheme shared by the gate and the A/B."""
+    return {f"{case.id}/{op}": (case, op) for case, op in pairs}

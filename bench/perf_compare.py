@@ -37,28 +37,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import Case, fmt_time
+from .cases import Case, case_grid, fmt_time
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_SOURCE = (Path(__file__).resolve().parent / "ab_worker.py").read_text()
 PREFIX = "@@ab "
-OP_NAMES = {"fwdbwd": "fwd+bwd", "forward": "forward", "backward": "backward",
-            "inference": "inference"}
 
 #: case id -> (case, op).  Large cases catch bandwidth and parallelism
 #: regressions, the cache-resident NCHW one compute (vectorization) regressions,
 #: the smallest one per-call overhead.
-COMPARE_CASES: dict[str, tuple[Case, str]] = {
-    f"{case.id}/{op}": (case, op)
-    for case, op in [
-        (Case((1024, 4096), "float32"), "fwdbwd"),
-        (Case((32, 64, 56, 56), "float32"), "fwdbwd"),
-        (Case((32, 56, 56, 64), "float32", axis=-1), "fwdbwd"),
-        (Case((1024, 4096), "float32"), "forward"),
-        (Case((16, 32, 28, 28), "float32"), "fwdbwd"),
-        (Case((32, 256), "float32"), "fwdbwd"),
-    ]
-}
+COMPARE_CASES: dict[str, tuple[Case, str]] = case_grid([
+    (Case((1024, 4096), "float32"), "fwdbwd"),
+    (Case((32, 64, 56, 56), "float32"), "fwdbwd"),
+    (Case((32, 56, 56, 64), "float32", axis=-1), "fwdbwd"),
+    (Case((1024, 4096), "float32"), "forward"),
+    (Case((16, 32, 28, 28), "float32"), "fwdbwd"),
+    (Case((32, 256), "float32"), "fwdbwd"),
+])
 
 
 class WorkerError(RuntimeError):

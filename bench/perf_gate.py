@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import Case, fmt_time, interleaved, make_data, paired_ratios
+from .cases import Case, case_grid, fmt_time, interleaved, make_data, paired_ratios
 from .peers import check_peer, make_peer
 
 THRESHOLDS = Path(__file__).resolve().parent / "perf_gate_thresholds.json"
@@ -40,18 +40,15 @@ OP_NAMES = {"fwdbwd": "forward+backward", "forward": "forward", "backward": "bac
             "inference": "inference"}
 
 #: The gate's grid: case id -> (case, operation).
-GATE_CASES: dict[str, tuple[Case, str]] = {
-    f"{case.id}/{op}": (case, op)
-    for case, op in [
-        (Case((1024, 4096), "float32"), "fwdbwd"),
-        (Case((32, 64, 56, 56), "float32"), "fwdbwd"),
-        (Case((32, 56, 56, 64), "float32", axis=-1), "fwdbwd"),
-        (Case((1024, 4096), "float32"), "forward"),
-        (Case((32, 64, 56, 56), "float32"), "backward"),
-        # Small (1.6 MB): used by the test that shows the gate going red.
-        (Case((16, 32, 28, 28), "float32"), "fwdbwd"),
-    ]
-}
+GATE_CASES: dict[str, tuple[Case, str]] = case_grid([
+    (Case((1024, 4096), "float32"), "fwdbwd"),
+    (Case((32, 64, 56, 56), "float32"), "fwdbwd"),
+    (Case((32, 56, 56, 64), "float32", axis=-1), "fwdbwd"),
+    (Case((1024, 4096), "float32"), "forward"),
+    (Case((32, 64, 56, 56), "float32"), "backward"),
+    # Small (1.6 MB): used by the test that shows the gate going red.
+    (Case((16, 32, 28, 28), "float32"), "fwdbwd"),
+])
 
 
 @dataclass(frozen=True)
