@@ -112,7 +112,36 @@ class FastbnPeer(Peer):
 # ---------------------------------------------------------------------------
 
 
-class NumpyPeer(Peer):
+class _ReferencePeer(Peer):
+    """A ``fastbn.reference`` forward/backward pair: ``fwd(x, ...) -> (y, state)``,
+    ``bwd(dy, state) -> (dx, dgamma, dbeta)``."""
+
+    def _bind(self, fwd, bwd) -> None:
+        d, c = self.data, self.case
+        x, g, b, dy, eps, axis = d.x, d.gamma, d.beta, d.dy, c.eps, c.axis
+
+        def forward():
+            return fwd(x, g, b, eps, axis)
+
+        def fwdbwd():
+            _, state = fwd(x, g, b, eps, axis)
+            return bwd(dy, state)
+
+        _, state0 = fwd(x, g, b, eps, axis)
+
+        def backward():
+            return bwd(dy, state0)
+
+        self.forward, self.fwdbwd, self.backward = forward, fwdbwd, backward
+        self._fwd, self._bwd = fwd, bwd
+
+    def outputs(self):
+        d, c = self.data, self.case
+        y, state = self._fwd(d.x, d.gamma, d.beta, c.eps, c.axis)
+        return (y, *self._bwd(d.dy, state))
+
+
+class NumpyPeer(_ReferencePeer):
     name = "numpy"
     description = "NumPy reference (closed-form backward)"
 
@@ -120,37 +149,17 @@ class NumpyPeer(Peer):
         super().__init__(data)
         from fastbn import reference as ref
 
+        self._bind(ref.forward, ref.backward)
         d, c = data, data.case
-        x, g, b, dy, eps, axis = d.x, d.gamma, d.beta, d.dy, c.eps, c.axis
-        rm, rv = d.running_mean, d.running_var
-        fwd, bwd = ref.forward, ref.backward
-
-        def forward():
-            return fwd(x, g, b, eps, axis)
-
-        def fwdbwd():
-            _, cache = fwd(x, g, b, eps, axis)
-            return bwd(dy, cache)
-
-        _, cache0 = fwd(x, g, b, eps, axis)
-
-        def backward():
-            return bwd(dy, cache0)
 
         def inference():
-            return ref.inference(x, rm, rv, g, b, eps, axis)
+            return ref.inference(d.x, d.running_mean, d.running_var, d.gamma, d.beta, c.eps,
+                                 c.axis)
 
-        self.forward, self.fwdbwd, self.backward, self.inference = \
-            forward, fwdbwd, backward, inference
-        self._fwd, self._bwd = fwd, bwd
-
-    def outputs(self):
-        d, c = self.data, self.case
-        y, cache = self._fwd(d.x, d.gamma, d.beta, c.eps, c.axis)
-        return (y, *self._bwd(d.dy, cache))
+        self.inference = inference
 
 
-class GraphPeer(Peer):
+class GraphPeer(_ReferencePeer):
     name = "graph"
     description = "NumPy forward + staged graph backward"
 
@@ -158,30 +167,8 @@ class GraphPeer(Peer):
         super().__init__(data)
         from fastbn import reference as ref
 
-        d, c = data, data.case
-        x, g, b, dy, eps, axis = d.x, d.gamma, d.beta, d.dy, c.eps, c.axis
-        fwd, bwd = ref.graph_forward, ref.graph_backward
-
-        def forward():
-            return fwd(x, g, b, eps, axis)
-
-        def fwdbwd():
-            _, tape = fwd(x, g, b, eps, axis)
-            return bwd(dy, tape)
-
-        _, tape0 = fwd(x, g, b, eps, axis)
-
-        def backward():
-            return bwd(dy, tape0)
-
-        self.forward, self.fwdbwd, self.backward = forward, fwdbwd, backward
+        self._bind(ref.graph_forward, ref.graph_backward)
         self.inference = None  # the graph is a training-mode construction only
-        self._fwd, self._bwd = fwd, bwd
-
-    def outputs(self):
-        d, c = self.data, self.case
-        y, tape = self._fwd(d.x, d.gamma, d.beta, c.eps, c.axis)
-        return (y, *self._bwd(d.dy, tape))
 
 
 # ---------------------------------------------------------------------------
