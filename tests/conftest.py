@@ -23,13 +23,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
 )
-settings.register_profile(
-    "thorough",
-    max_examples=500,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    print_blob=True,
-)
+settings.register_profile("thorough", parent=settings.get_profile("fastbn"), max_examples=500)
 # CI: the same examples on every run, so a red CI means a regression, not a new
 # random draw (explore with the default or "thorough" profile locally).
 settings.register_profile("ci", parent=settings.get_profile("fastbn"), derandomize=True)
