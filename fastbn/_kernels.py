@@ -56,8 +56,6 @@ MIN_PLANE_CHUNK = 8192
 TARGET_TASKS = 64
 MAX_CHUNKS = 256
 
-_EMPTY = np.empty(0)
-
 
 @njit(cache=CACHE, inline="always")
 def _chunk_bounds(k, n_chunks, length):

@@ -341,8 +341,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
 def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
     """Gradients of a batch-norm forward call: ``(dx, dgamma, dbeta)``.
 
-    Closed form, two sweeps over memory (a third, elementwise, for a fused ReLU
-    on channels-first data): one fused reduction for ``sum(dy')`` and
+    Closed form, two sweeps over memory: one fused reduction for ``sum(dy')`` and
     ``sum(dy' * (x - mean))`` in float64, then ``dx`` elementwise.  With a
     fused ReLU the mask ``y > 0`` is recomputed from ``x`` bit for bit; nothing
     is stored by the forward call.
