@@ -48,6 +48,9 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_inference",
     "batch_stats",
+    "batch_norm_normalize",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_apply",
 ]
 
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
@@ -83,10 +86,7 @@ class BatchNormContext:
     beta_dtype: np.dtype | None
     relu: bool
     batch_stats: bool
-
-    @property
-    def count(self) -> int:
-        return self.x_view.size // self.mean.shape[0]
+    count: int
 
     @property
     def dtype(self) -> np.dtype:
@@ -292,7 +292,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     with launch_guard(x.size):
         kernel(view, weight, bias, eps, relu, y_view, mean, var, inv_std)
     ctx = BatchNormContext(view, x.shape, axis, mean, var, inv_std, weight, bias,
-                           gamma_dtype, beta_dtype, relu, True)
+                           gamma_dtype, beta_dtype, relu, True, x.size // n_channels)
     return y, ctx
 
 
@@ -334,7 +334,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
     if not return_context:
         return y
     ctx = BatchNormContext(view, x.shape, axis, mean, var, inv_std, weight, bias,
-                           gamma_dtype, beta_dtype, relu, False)
+                           gamma_dtype, beta_dtype, relu, False, x.size // n_channels)
     return y, ctx
 
 
@@ -386,3 +386,125 @@ def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
     dgamma = None if ctx.gamma_dtype is None else dgamma.astype(ctx.gamma_dtype, copy=False)
     dbeta = None if ctx.beta_dtype is None else dbeta.astype(ctx.beta_dtype, copy=False)
     return dx, dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------
+# Split training API: statistics from elsewhere (e.g. a global batch over
+# several processes, fastbn.distributed).  The single-process functions above
+# are these pieces with the statistics and sums of x itself.
+# ---------------------------------------------------------------------------
+
+
+def _check_count(count, local: int) -> int:
+    try:
+        count = operator.index(count)
+    except TypeError:
+        raise TypeError(f"count must be an integer, got {type(count).__name__}") from None
+    if count < local:
+        raise ValueError(f"count ({count}) must be at least the {local} values per channel of x")
+    if count < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got count {count}"
+        )
+    return count
+
+
+def batch_norm_normalize(x, mean, var, count, gamma=None, beta=None, eps: float = 1e-5,
+                         axis: int = 1, relu: bool = False, out=None):
+    """Training-mode normalize of ``x`` with batch statistics computed elsewhere.
+
+    For batch norm over a batch of which ``x`` is one part (synchronized batch
+    norm): ``mean`` and biased ``var`` (float arrays of shape (C,)) are the
+    statistics of the whole batch, ``count`` its number of values per channel.
+    One sweep over ``x``.  Returns ``(y, ctx)``; ``ctx.batch_stats`` is True
+    (the backward treats the statistics as functions of the whole batch) and
+    ``ctx.count == count``.  Backward with :func:`batch_norm_backward_reduce`
+    (this part's sums), a reduction of the sums over the parts, then
+    :func:`batch_norm_backward_apply`.  With ``mean, var = batch_stats(x)``
+    and ``count = x.size // C`` this is :func:`batch_norm_forward`.
+    """
+    y, ctx = batch_norm_inference(x, mean, var, gamma, beta, eps=eps, axis=axis, relu=relu,
+                                  out=out, return_context=True)
+    count = _check_count(count, ctx.count)
+    ctx = BatchNormContext(ctx.x_view, ctx.shape, ctx.axis, ctx.mean, ctx.var, ctx.inv_std,
+                           ctx.weight, ctx.bias, ctx.gamma_dtype, ctx.beta_dtype, ctx.relu,
+                           True, count)
+    return y, ctx
+
+
+def _check_backward_args(dy, ctx):
+    if not isinstance(ctx, BatchNormContext):
+        raise TypeError(
+            f"ctx must be the BatchNormContext returned by a forward call, "
+            f"got {type(ctx).__name__}"
+        )
+    dy = _as_data(dy, "dy")
+    if dy.shape != ctx.shape:
+        raise ValueError(f"dy must have the shape of x, {ctx.shape}, got {dy.shape}")
+    if dy.dtype != ctx.dtype:
+        raise TypeError(f"dy must have the dtype of x, {ctx.dtype}, got {dy.dtype}")
+    return dy
+
+
+def batch_norm_backward_reduce(dy, ctx: BatchNormContext):
+    """This part's ``(sum_dy, sum_dy_xc)``: ``sum(dy')`` and ``sum(dy' * (x - mean))``.
+
+    float64 arrays of shape (C,), one sweep over ``x`` and ``dy`` (``dy'`` is
+    ``dy`` masked by the fused ReLU).  Summed over every part of the batch,
+    they give :func:`batch_norm_backward_apply` what it needs; this part's
+    parameter gradients are ``dgamma = ctx.inv_std * sum_dy_xc`` and
+    ``dbeta = sum_dy``.
+    """
+    dy = _check_backward_args(dy, ctx)
+    view = ctx.x_view
+    dy_view = dy.reshape(view.shape)
+    n_channels = ctx.mean.shape[0]
+    mean_hi, mean_lo, scale, shift = _kernels._normalize_constants(
+        ctx.mean, ctx.inv_std, ctx.weight, ctx.bias, view)
+    sum_dy = np.empty(n_channels)
+    sum_dy_xc = np.empty(n_channels)
+    with launch_guard(view.size):
+        if view.ndim == 2:
+            n_row_chunks, n_blocks = _kernels.rows_plan(view.shape[0], n_channels)
+            part_a = np.empty((n_row_chunks, n_channels))
+            part_b = np.empty((n_row_chunks, n_channels))
+            _kernels._rows_grad_partials(view, dy_view, ctx.mean, mean_hi, mean_lo, scale, shift,
+                                         ctx.relu, n_row_chunks, n_blocks, part_a, part_b)
+        else:
+            n_outer, n_inner = _kernels.planes_plan(*view.shape)
+            part_a = np.empty((n_outer * n_inner, n_channels))
+            part_b = np.empty((n_outer * n_inner, n_channels))
+            if ctx.relu:
+                _kernels._planes_grad_partials_relu(view, dy_view, ctx.mean, mean_hi, mean_lo,
+                                                    scale, shift, n_outer, n_inner, part_a,
+                                                    part_b)
+            else:
+                _kernels._planes_grad_partials(view, dy_view, ctx.mean, n_outer, n_inner,
+                                               part_a, part_b)
+        _kernels._merge_sums(part_a, part_b, sum_dy, sum_dy_xc)
+    return sum_dy, sum_dy_xc
+
+
+def batch_norm_backward_apply(dy, ctx: BatchNormContext, sum_dy, sum_dy_xc, out=None):
+    """``dx`` from the sums over the whole batch (see :func:`batch_norm_backward_reduce`).
+
+    ``dx = weight*inv_std * (dy' - sum_dy/N - x_hat * inv_std*sum_dy_xc/N)`` with
+    ``N = ctx.count``; one sweep.  Returns ``dx`` (shape and dtype of ``x``).
+    """
+    dy = _check_backward_args(dy, ctx)
+    view = ctx.x_view
+    n_channels = ctx.mean.shape[0]
+    sum_dy, _ = _per_channel(sum_dy, "sum_dy", n_channels, None)
+    sum_dy_xc, _ = _per_channel(sum_dy_xc, "sum_dy_xc", n_channels, None)
+    dx = (np.empty(ctx.shape, ctx.dtype) if out is None
+          else _check_out(out, "out", ctx.shape, ctx.dtype, view, dy))
+    mean_hi, mean_lo, scale, shift = _kernels._normalize_constants(
+        ctx.mean, ctx.inv_std, ctx.weight, ctx.bias, view)
+    k_dy, k_const, k_xhat, inv_std_d = _kernels._backward_constants(
+        sum_dy, sum_dy_xc, ctx.inv_std, ctx.weight, np.float64(ctx.count), ctx.batch_stats,
+        view, np.empty(n_channels), np.empty(n_channels))
+    apply = _kernels._rows_apply if view.ndim == 2 else _kernels._planes_apply
+    with launch_guard(view.size):
+        apply(view, dy.reshape(view.shape), mean_hi, mean_lo, scale, shift, inv_std_d, ctx.relu,
+              k_dy, k_const, k_xhat, dx.reshape(view.shape))
+    return dx
