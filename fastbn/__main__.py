@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -20,16 +21,29 @@ import time
 import numpy as np
 
 import fastbn
-from fastbn import _config, _kernels, reference
+from fastbn import _config, kernels, reference
+from fastbn._launch import SMALL_PROBLEM
 
-#: The kernel entry points (each compiled once per dtype).
+#: The kernel entry points called by fastbn.functional (each compiled per
+#: dtype, per parameter dtype and for read-only inputs, in both variants).
 DRIVERS = (
     "train_forward_rows", "train_forward_planes",
-    "inference_rows", "inference_planes",
+    "normalize_rows", "normalize_planes",
     "backward_rows", "backward_planes",
+    "backward_reduce_rows", "backward_reduce_planes",
+    "backward_apply_rows", "backward_apply_planes",
     "moments_rows", "moments_planes",
 )
+VARIANTS = {"parallel": kernels.PARALLEL, "serial": kernels.SERIAL}
 DTYPES = (np.float32, np.float64)
+
+
+def _dispatchers():
+    """(label, dispatcher) of every driver in both variants, and the layer's update kernel."""
+    for variant, namespace in VARIANTS.items():
+        for name in DRIVERS:
+            yield f"{name}/{variant}", getattr(namespace, name)
+    yield "update_running_stats", kernels.update_running_stats
 
 
 def _cpu_model() -> str:
@@ -47,27 +61,48 @@ def _cache_writable(path: str | None) -> bool:
     return bool(path) and os.path.isdir(path) and os.access(path, os.W_OK)
 
 
+def _warm_calls(x: np.ndarray) -> None:
+    """Every public operation on ``x`` (whose shape picks the layout and the variant)."""
+    dtype = x.dtype
+    n_channels = x.shape[1]
+    gamma = np.ones(n_channels, dtype)
+    y, ctx = fastbn.batch_norm_forward(x, gamma, gamma)
+    fastbn.batch_norm_backward(y, ctx)
+    mean, var = fastbn.batch_stats(x)
+    # running statistics in the data's dtype (the layer) and in float64 (from batch_stats)
+    fastbn.batch_norm_inference(x, mean.astype(dtype), var.astype(dtype), gamma, gamma)
+    _, ctx = fastbn.batch_norm_inference(x, mean, var, gamma, gamma, return_context=True)
+    sums = fastbn.functional.batch_norm_backward_reduce(y, ctx)
+    fastbn.functional.batch_norm_backward_apply(y, ctx, *sums)
+
+
 def warmup(verbose: bool = True) -> dict:
-    """Run every public operation once per dtype and layout; return cache statistics."""
+    """Compile (or load) every kernel variant a training or inference loop can reach.
+
+    Both layouts, float32 and float64, the serial variant (small inputs) and
+    the parallel one, writeable and read-only inputs (Numba types a read-only
+    array differently, so it is a separate compilation), and the layer's
+    running-statistics update.  Returns cache statistics.
+    """
     started = time.perf_counter()
+    large = SMALL_PROBLEM
     for dtype in DTYPES:
-        for shape in ((4, 3), (2, 3, 5)):  # rows and planes layouts
-            x = np.linspace(-1, 1, np.prod(shape), dtype=dtype).reshape(shape)
-            gamma = np.ones(shape[1], dtype)
-            y, ctx = fastbn.batch_norm_forward(x, gamma, gamma)
-            fastbn.batch_norm_backward(y, ctx)
-            fastbn.batch_norm_inference(x, ctx.mean, ctx.var, gamma, gamma)
-            fastbn.batch_stats(x)
+        for shape in ((4, 3), (2, 3, 5), (large // 4, 4), (2, 4, large // 8)):
+            x = np.linspace(-1, 1, math.prod(shape), dtype=dtype).reshape(shape)
+            _warm_calls(x)
+            x.flags.writeable = False
+            _warm_calls(x)
+        layer = fastbn.BatchNorm(3, dtype=dtype)
+        layer(np.linspace(-1, 1, 12, dtype=dtype).reshape(4, 3))
     elapsed = time.perf_counter() - started
     hits = misses = 0
-    for name in DRIVERS:
-        stats = getattr(_kernels, name).stats
-        hits += sum(stats.cache_hits.values())
-        misses += sum(stats.cache_misses.values())
+    for _, dispatcher in _dispatchers():
+        hits += sum(dispatcher.stats.cache_hits.values())
+        misses += sum(dispatcher.stats.cache_misses.values())
     result = {"seconds": elapsed, "cache_hits": hits, "cache_misses": misses}
     if verbose:
         source = "loaded from the cache" if misses == 0 and hits else "compiled"
-        print(f"warmup: {2 * len(DRIVERS)} kernel variants {source} in {elapsed:.2f} s "
+        print(f"warmup: {hits + misses} kernel variants {source} in {elapsed:.2f} s "
               f"(cache hits {hits}, misses {misses}, cache {'on' if _config.CACHE else 'off'})")
     return result
 
@@ -75,8 +110,8 @@ def warmup(verbose: bool = True) -> dict:
 def cached_variants() -> list[str]:
     """Kernel variants present in the on-disk cache (read from Numba's index files)."""
     found = []
-    for name in DRIVERS:
-        cache = getattr(getattr(_kernels, name), "_cache", None)
+    for label, dispatcher in _dispatchers():
+        cache = getattr(dispatcher, "_cache", None)
         cache_file = getattr(getattr(cache, "_impl", None), "_cache_file", None)
         cache_file = cache_file or getattr(cache, "_cache_file", None)
         try:
@@ -86,7 +121,7 @@ def cached_variants() -> list[str]:
         for key in overloads:
             x_type = (key[0] if isinstance(key, tuple) else key)[0]
             readonly = "" if getattr(x_type, "mutable", True) else ", read-only"
-            found.append(f"{name}[{x_type.dtype}, {x_type.ndim}-d{readonly}]")
+            found.append(f"{label}[{x_type.dtype}, {x_type.ndim}-d{readonly}]")
     return sorted(set(found))
 
 
@@ -95,7 +130,7 @@ def info() -> None:
     import numba
 
     # The threading layer is known only after a parallel region ran.
-    fastbn.batch_stats(np.ones((2, 2)))
+    fastbn.batch_stats(np.ones((SMALL_PROBLEM, 2)))
     layer = _config.threading_layer()
     rows = [
         ("fastbn", fastbn.__version__),
@@ -107,8 +142,14 @@ def info() -> None:
         ("numba threads", str(numba.get_num_threads())),
         ("threading layer", f"{layer} (requested: "
          f"{os.environ.get('NUMBA_THREADING_LAYER', 'tbb > omp > workqueue')})"),
+        ("layer safety", "thread-safe: {}, fork-safe: {}".format(
+            *("yes" if safe else "no" for safe in _config.layer_safety(layer)))),
+        ("tbb library", _config.TBB_LIBRARY or f"not loaded ({_config.TBB_PRELOAD_ERROR})"),
         ("kernel launches", "serialized by a lock (workqueue is not thread-safe)"
          if layer == "workqueue" else "concurrent (thread-safe layer)"),
+        ("after fork()", "serial kernels in the child (GNU OpenMP cannot run there)"
+         if not _config.layer_safety(layer)[1] else "parallel kernels (fork-safe layer)"),
+        ("small inputs", f"< {SMALL_PROBLEM} elements run serial kernels on the calling thread"),
         ("compile cache", "on" if _config.CACHE else "off"),
         ("cache directory", f"{_config.CACHE_DIR} "
          f"({'writable' if _cache_writable(_config.CACHE_DIR) else 'not writable'})"),
@@ -175,5 +216,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _run_cli(argv=None) -> int:
+    """main(), but a reader that closes the pipe early (``| head``) ends it quietly."""
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the flush at
+        # interpreter exit does not raise a second time, and exit non-zero.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run_cli())

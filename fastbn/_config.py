@@ -6,9 +6,10 @@ fastmath, a forced serial fallback for the performance gate) is one edit.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
-from contextlib import nullcontext
 
 import numba
 
@@ -37,11 +38,11 @@ SLOW_FALLBACK: bool = _env_flag("FASTBN_SLOW_FALLBACK")
 #: the fast code.
 CACHE_REQUESTED: bool = not (_env_flag("FASTBN_NO_CACHE") or SLOW_FALLBACK)
 
-_KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.py")
+_KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "drivers.py")
 
 
 def _find_cache_dir() -> str | None:
-    """The directory Numba will cache ``_kernels.py`` in, or None if none is writable.
+    """The directory Numba will cache ``kernels/*.py`` in, or None if none is writable.
 
     Uses Numba's own locator classes in Numba's own order, so the answer is
     the one Numba reaches when the kernels are decorated (each locator checks
@@ -167,15 +168,67 @@ REDUCTION_FASTMATH: set[str] | bool = (
 # --------------------------------------------------------------------------
 # Threading layer.
 #
-# Numba's ``workqueue`` layer is not thread-safe: two Python threads entering
-# parallel regions at once abort the process.  We ask for a thread-safe layer
-# first (tbb, then omp) unless the user chose one with NUMBA_THREADING_LAYER,
-# and when the layer in use turns out to be ``workqueue`` every kernel launch
-# is serialized through ``_launch_lock``.
+# Numba's layers differ in safety (Numba's docs, and tests/test_fork.py here):
+#
+#   tbb        thread-safe, fork-safe
+#   omp        thread-safe; GNU OpenMP is NOT fork-safe: a child forked after
+#              the parent ran a parallel region is terminated when it starts one
+#   workqueue  NOT thread-safe (concurrent parallel regions abort the process);
+#              fork-safe
+#
+# So the default is tbb, then omp, then workqueue, unless the user chose one
+# with NUMBA_THREADING_LAYER.  pip's ``tbb`` wheel (a dependency of fastbn on
+# the platforms that have it) puts libtbb in ``<prefix>/lib``, where the
+# dynamic loader does not look, so Numba's tbb layer would fail to load
+# without LD_LIBRARY_PATH; we load the wheel's libtbb ourselves, by path and
+# with RTLD_GLOBAL, before Numba picks its layer (at the first parallel
+# launch), and Numba's layer then links against the library already loaded.
+# Under workqueue every parallel launch is serialized through a lock; in a
+# forked child of a GNU OpenMP parent every launch runs serially (_launch.py).
 # --------------------------------------------------------------------------
-USER_CHOSE_LAYER: bool = "NUMBA_THREADING_LAYER" in os.environ
+USER_CHOSE_LAYER: bool = bool(os.environ.get("NUMBA_THREADING_LAYER", "").strip())
 if not USER_CHOSE_LAYER:
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
+
+_TBB_SONAME = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib"}.get(sys.platform)
+
+
+def _tbb_library_candidates() -> list[str]:
+    """Where the tbb wheel may have put libtbb: <prefix>/lib, or as its metadata says."""
+    if _TBB_SONAME is None:  # Windows: the wheel's DLL sits on the search path already
+        return []
+    candidates = [os.path.join(prefix, "lib", _TBB_SONAME)
+                  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix))]
+    try:
+        from importlib import metadata
+
+        for file in metadata.files("tbb") or ():
+            if file.name == _TBB_SONAME:
+                candidates.append(os.path.normpath(str(file.locate())))
+    except Exception:  # tbb not installed, or odd metadata: nothing more to try
+        pass
+    return list(dict.fromkeys(candidates))
+
+
+def _preload_tbb() -> tuple[str | None, str | None]:
+    """(path of the libtbb loaded, or None; why not, or None)."""
+    requested = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
+    if requested not in ("", "default", "tbb", "safe", "threadsafe", "forksafe"):
+        return None, f"not needed: NUMBA_THREADING_LAYER={requested}"
+    candidates = [path for path in _tbb_library_candidates() if os.path.exists(path)]
+    if not candidates:
+        return None, "the tbb package is not installed (pip install tbb)"
+    errors = []
+    for path in candidates:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return path, None
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    return None, "; ".join(errors)
+
+
+TBB_LIBRARY, TBB_PRELOAD_ERROR = _preload_tbb()
 
 _launch_lock = threading.Lock()
 _layer_in_use: str | None = None
@@ -192,50 +245,32 @@ def _current_layer() -> str | None:
     return _layer_in_use
 
 
-#: Below this many elements a kernel runs on the calling thread alone: waking
-#: the thread team costs more than it saves (about 2 us per parallel region
-#: here, and up to a scheduler quantum when the machine is busy).  Chunking
-#: never depends on the thread count, so the results are the same bits.
-SMALL_PROBLEM: int = 1 << 15
-
-
-class _SingleThreadScope:
-    """Run the enclosed kernel launch with one Numba thread (a per-thread setting)."""
-
-    __slots__ = ("_lock", "_threads")
-
-    def __init__(self, lock):
-        self._lock = lock
-
-    def __enter__(self):
-        if self._lock is not None:
-            self._lock.acquire()
-        self._threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-
-    def __exit__(self, *exc_info):
-        numba.set_num_threads(self._threads)
-        if self._lock is not None:
-            self._lock.release()
-
-
-_NO_GUARD = nullcontext()
-
-
-def launch_guard(size: int = SMALL_PROBLEM):
-    """Context manager held around every kernel launch on ``size`` elements.
-
-    Takes a real lock when the threading layer is (or may turn out to be)
-    ``workqueue``; before the first launch the layer is unknown, so the first
-    launches take the lock.  Small problems run single-threaded.
-    """
-    layer = _current_layer()
-    lock = _launch_lock if layer is None or layer == "workqueue" else None
-    if size < SMALL_PROBLEM:
-        return _SingleThreadScope(lock)
-    return _NO_GUARD if lock is None else lock
-
-
 def threading_layer() -> str | None:
-    """Name of the Numba threading layer in use (None before the first kernel ran)."""
+    """Name of the Numba threading layer in use (None before the first parallel kernel ran)."""
     return _current_layer()
+
+
+def _openmp_vendor() -> str:
+    try:
+        from numba.np.ufunc import omppool
+
+        return str(omppool.openmp_vendor)
+    except Exception:  # pragma: no cover - no omp layer built
+        return "unknown"
+
+
+def layer_safety(layer: str | None) -> tuple[bool, bool]:
+    """(thread_safe, fork_safe) of a Numba threading layer as loaded here."""
+    if layer == "tbb":
+        return True, True
+    if layer == "omp":
+        return True, _openmp_vendor() == "Intel"  # GNU OpenMP kills forked children
+    if layer == "workqueue":
+        return False, True
+    return False, False
+
+
+def parallel_regions_fork_unsafe() -> bool:
+    """True once this process ran a parallel region on a layer a forked child cannot use."""
+    layer = _current_layer()
+    return layer is not None and not layer_safety(layer)[1]

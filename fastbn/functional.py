@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels
-from ._config import launch_guard
+from ._launch import launch
+from .kernels import BAD_MEAN, BAD_VAR, N_STATS
 
 __all__ = [
     "BatchNormContext",
@@ -53,48 +52,79 @@ __all__ = [
     "batch_norm_backward_apply",
 ]
 
-_SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_SUPPORTED = (_F32, _F64)
+_NO_PARAMETER = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}  # "None" for a kernel
+_MEAN, _VAR, _INV_STD, _WEIGHT, _BIAS = range(N_STATS)
 
 
-@dataclass(frozen=True, eq=False)
 class BatchNormContext:
-    """What :func:`batch_norm_backward` needs from a forward call.
+    """What the backward functions need from a forward call (read-only).
 
     ``x`` is held by reference, not copied: do not modify it in place between
-    the forward and the backward call.
+    the forward and the backward call.  The statistics and a float64 copy of
+    the parameters live in one ``(5, C)`` float64 array.
 
     Attributes
     ----------
     mean, var, inv_std : float64 arrays of shape (C,)
         Statistics used to normalize (``var`` is biased; ``inv_std`` includes eps).
+    weight, bias : float64 arrays of shape (C,)
+        The parameters as they were at the forward call (1 and 0 without affine).
     count : int
-        Values per channel, ``N``.
+        Values per channel of the batch the statistics describe, ``N``.
     batch_stats : bool
-        True for a training forward (statistics depend on ``x``), False for an
-        inference forward (statistics are constants).
+        True for a training forward (statistics depend on the batch), False
+        for an inference forward (statistics are constants).
+    shape, dtype, axis, relu
+        Of the forward call's input and options.
     """
 
-    x_view: np.ndarray
-    shape: tuple
-    axis: int
-    mean: np.ndarray
-    var: np.ndarray
-    inv_std: np.ndarray
-    weight: np.ndarray
-    bias: np.ndarray
-    gamma_dtype: np.dtype | None
-    beta_dtype: np.dtype | None
-    relu: bool
-    batch_stats: bool
-    count: int
+    __slots__ = ("_x_view", "_shape", "_axis", "_stats", "_gamma_dtype", "_beta_dtype",
+                 "_relu", "_batch_stats", "_count")
+
+    def __init__(self, x_view, shape, axis, stats, gamma_dtype, beta_dtype, relu, batch_stats,
+                 count):
+        self._x_view = x_view
+        self._shape = shape
+        self._axis = axis
+        self._stats = stats
+        self._gamma_dtype = gamma_dtype
+        self._beta_dtype = beta_dtype
+        self._relu = relu
+        self._batch_stats = batch_stats
+        self._count = count
+
+    x_view = property(lambda self: self._x_view, doc="The (outer, C[, inner]) view of x.")
+    shape = property(lambda self: self._shape, doc="Shape of x.")
+    axis = property(lambda self: self._axis, doc="The channel axis (non-negative).")
+    relu = property(lambda self: self._relu, doc="Whether a ReLU was fused.")
+    batch_stats = property(lambda self: self._batch_stats,
+                           doc="True after a training forward (statistics of the batch).")
+    count = property(lambda self: self._count, doc="Values per channel, N.")
+    gamma_dtype = property(lambda self: self._gamma_dtype, doc="dtype of gamma, or None.")
+    beta_dtype = property(lambda self: self._beta_dtype, doc="dtype of beta, or None.")
+    mean = property(lambda self: self._stats[_MEAN], doc="float64 (C,) mean used.")
+    var = property(lambda self: self._stats[_VAR], doc="float64 (C,) biased variance used.")
+    inv_std = property(lambda self: self._stats[_INV_STD], doc="float64 (C,) 1/sqrt(var+eps).")
+    weight = property(lambda self: self._stats[_WEIGHT], doc="float64 (C,) gamma used.")
+    bias = property(lambda self: self._stats[_BIAS], doc="float64 (C,) beta used.")
 
     @property
     def dtype(self) -> np.dtype:
-        return self.x_view.dtype
+        return self._x_view.dtype
+
+    def __repr__(self) -> str:
+        kind = "training" if self._batch_stats else "inference"
+        return (f"BatchNormContext({kind}, shape={self._shape}, axis={self._axis}, "
+                f"dtype={self.dtype}, count={self._count}, relu={self._relu})")
 
 
 # ---------------------------------------------------------------------------
-# Validation helpers
+# Validation helpers.  The common case (a C-contiguous native float32/float64
+# ndarray, per-channel arrays of the data's dtype) takes a few attribute
+# reads; everything else goes through the full checks and conversions.
 # ---------------------------------------------------------------------------
 
 
@@ -113,12 +143,16 @@ def _as_data(x, name: str) -> np.ndarray:
     Array subclasses are viewed as plain ndarrays (outputs are plain ndarrays),
     except masked arrays, whose mask batch norm cannot honour.
     """
-    if type(x) is not np.ndarray:
-        if x is None:
-            raise TypeError(f"{name} must be an array, got None")
-        if isinstance(x, np.ma.MaskedArray):
-            raise TypeError(f"{name} is a masked array; fastbn ignores no values: pass "
-                            f"{name}.filled(...) or the unmasked values")
+    if type(x) is np.ndarray:
+        dtype = x.dtype
+        if (dtype is _F32 or dtype is _F64) and x.ndim >= 2 and x.size and x.flags.c_contiguous:
+            return x  # the fast path
+    elif x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    elif isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; fastbn ignores no values: pass "
+                        f"{name}.filled(...) or the unmasked values")
+    else:
         x = np.asarray(x)
     _check_float_dtype(x.dtype, name)
     if x.ndim < 2:
@@ -135,6 +169,8 @@ def _as_data(x, name: str) -> np.ndarray:
 
 
 def _normalize_axis(axis, ndim: int) -> int:
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim  # the fast path
     try:
         axis = operator.index(axis)
     except TypeError:
@@ -145,6 +181,8 @@ def _normalize_axis(axis, ndim: int) -> int:
 
 
 def _check_eps(eps) -> float:
+    if type(eps) is float and 0.0 < eps < math.inf:
+        return eps  # the fast path
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
     eps = float(eps)
@@ -153,23 +191,42 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def _per_channel(values, name: str, n_channels: int, fill: float | None):
-    """(float64 array, original dtype) for a per-channel parameter or statistic."""
+def _channel_array(values, name: str, n_channels: int):
+    """A per-channel array as given (validated), or None when it is None."""
     if values is None:
-        if fill is None:
-            raise TypeError(f"{name} must be an array of shape ({n_channels},), got None")
-        return np.full(n_channels, fill), None
-    if not isinstance(values, np.ndarray):
+        return None
+    if type(values) is not np.ndarray:
         values = np.asarray(values)
-    _check_float_dtype(values.dtype, name)
+    dtype = values.dtype
+    if not (dtype is _F32 or dtype is _F64):
+        _check_float_dtype(dtype, name)
     if values.shape != (n_channels,):
         raise ValueError(
             f"{name} must have shape ({n_channels},) to match the {n_channels} channels of x, "
             f"got shape {values.shape}"
         )
-    # Always a copy: the context keeps it for backward, and callers update
-    # their parameters in place between forward and backward.
-    return np.array(values, dtype=np.float64), values.dtype
+    return values
+
+
+def _kernel_arrays(like: np.dtype, *arrays):
+    """Per-channel arrays in one dtype the kernels are compiled for.
+
+    The data's dtype when every array already has it, is native, contiguous
+    and writeable (no copy: the kernel copies them into the float64
+    workspace); float64 copies otherwise -- so each data dtype compiles at
+    most two signatures.  None becomes a length-0 array (no affine).
+    """
+    common = like
+    for a in arrays:
+        if a is not None and not (a.dtype is like and a.flags.c_contiguous
+                                  and a.flags.writeable):
+            common = _F64
+            break
+    if common is like:
+        empty = _NO_PARAMETER[like]
+        return tuple(empty if a is None else a for a in arrays)
+    empty = _NO_PARAMETER[_F64]
+    return tuple(empty if a is None else np.array(a, dtype=_F64) for a in arrays)
 
 
 def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.ndarray:
@@ -190,11 +247,13 @@ def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.nda
 
 
 def _layout(x: np.ndarray, axis: int):
-    """The (outer, C) or (outer, C, inner) view of a C-contiguous x, and its kernel family."""
+    """The (outer, C) or (outer, C, inner) view of a C-contiguous x, and whether it is rows."""
     shape = x.shape
     n_channels = shape[axis]
+    if axis == x.ndim - 1:  # (N, C) and channels-last: rows
+        return x.reshape(x.size // n_channels, n_channels), True
     outer = math.prod(shape[:axis])
-    inner = math.prod(shape[axis + 1 :])
+    inner = math.prod(shape[axis + 1:])
     if inner == 1:
         return x.reshape(outer, n_channels), True
     return x.reshape(outer, n_channels, inner), False
@@ -205,6 +264,14 @@ def _check_training_count(x: np.ndarray, n_channels: int) -> None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}"
         )
+
+
+def _raise_bad_statistics(status: int, mean_name: str, var_name: str) -> None:
+    if status == BAD_MEAN:
+        raise ValueError(f"{mean_name} must be finite (it holds NaN or Inf)")
+    if status == BAD_VAR:
+        raise ValueError(f"{var_name} must be non-negative and finite (it holds a negative "
+                         f"value, NaN or Inf)")
 
 
 # ---------------------------------------------------------------------------
@@ -232,14 +299,9 @@ def batch_stats(x, axis: int = 1):
     axis = _normalize_axis(axis, x.ndim)
     n_channels = x.shape[axis]
     view, rows = _layout(x, axis)
-    mean = np.empty(n_channels)
-    var = np.empty(n_channels)
-    with launch_guard(x.size):
-        if rows:
-            _kernels.moments_rows(view, mean, var)
-        else:
-            _kernels.moments_planes(view, mean, var)
-    return mean, var
+    moments = np.empty((2, n_channels))
+    launch("moments_rows" if rows else "moments_planes", x.size, view, moments[0], moments[1])
+    return moments[0], moments[1]
 
 
 def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1,
@@ -277,23 +339,48 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     axis = _normalize_axis(axis, x.ndim)
     n_channels = x.shape[axis]
     eps = _check_eps(eps)
-    weight, gamma_dtype = _per_channel(gamma, "gamma", n_channels, 1.0)
-    bias, beta_dtype = _per_channel(beta, "beta", n_channels, 0.0)
+    gamma = _channel_array(gamma, "gamma", n_channels)
+    beta = _channel_array(beta, "beta", n_channels)
     _check_training_count(x, n_channels)
     y = (np.empty(x.shape, x.dtype) if out is None
          else _check_out(out, "out", x.shape, x.dtype, x, x_given))
     view, rows = _layout(x, axis)
-    y_view = y.reshape(view.shape)
-    mean = np.empty(n_channels)
-    var = np.empty(n_channels)
-    inv_std = np.empty(n_channels)
+    weight, bias = _kernel_arrays(x.dtype, gamma, beta)
+    stats = np.empty((N_STATS, n_channels))
     relu = bool(relu)
-    kernel = _kernels.train_forward_rows if rows else _kernels.train_forward_planes
-    with launch_guard(x.size):
-        kernel(view, weight, bias, eps, relu, y_view, mean, var, inv_std)
-    ctx = BatchNormContext(view, x.shape, axis, mean, var, inv_std, weight, bias,
-                           gamma_dtype, beta_dtype, relu, True, x.size // n_channels)
+    launch("train_forward_rows" if rows else "train_forward_planes", x.size,
+           view, weight, bias, eps, relu, y.reshape(view.shape), stats)
+    ctx = BatchNormContext(view, x.shape, axis, stats,
+                           None if gamma is None else gamma.dtype,
+                           None if beta is None else beta.dtype,
+                           relu, True, x.size // n_channels)
     return y, ctx
+
+
+def _normalize_with(x, mean, var, gamma, beta, eps, axis, relu, out, mean_name, var_name):
+    """Shared body of the functions that normalize with given statistics."""
+    x_given = x
+    x = _as_data(x, "x")
+    axis = _normalize_axis(axis, x.ndim)
+    n_channels = x.shape[axis]
+    eps = _check_eps(eps)
+    if mean is None or var is None:
+        raise TypeError(f"{mean_name if mean is None else var_name} must be an array of shape "
+                        f"({n_channels},), got None")
+    mean = _channel_array(mean, mean_name, n_channels)
+    var = _channel_array(var, var_name, n_channels)
+    gamma = _channel_array(gamma, "gamma", n_channels)
+    beta = _channel_array(beta, "beta", n_channels)
+    y = (np.empty(x.shape, x.dtype) if out is None
+         else _check_out(out, "out", x.shape, x.dtype, x, x_given))
+    view, rows = _layout(x, axis)
+    mean, var, weight, bias = _kernel_arrays(x.dtype, mean, var, gamma, beta)
+    stats = np.empty((N_STATS, n_channels))
+    relu = bool(relu)
+    status = launch("normalize_rows" if rows else "normalize_planes", x.size,
+                    view, mean, var, weight, bias, eps, relu, y.reshape(view.shape), stats)
+    _raise_bad_statistics(status, mean_name, var_name)
+    return y, view, axis, stats, gamma, beta, relu
 
 
 def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
@@ -303,39 +390,55 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta`` (then
     ReLU if ``relu``).  ``running_mean`` must be finite and ``running_var``
-    finite and non-negative (ValueError otherwise).  With
-    ``return_context=True`` returns ``(y, ctx)``; :func:`batch_norm_backward`
-    then treats the statistics as constants (``dx = dy' * gamma * inv_std``).
-    Any number of values per channel, including 1, is accepted.
+    finite and non-negative (ValueError otherwise, before anything is
+    written).  With ``return_context=True`` returns ``(y, ctx)``;
+    :func:`batch_norm_backward` then treats the statistics as constants
+    (``dx = dy' * gamma * inv_std``).  Any number of values per channel,
+    including 1, is accepted.
     """
-    x_given = x
-    x = _as_data(x, "x")
-    axis = _normalize_axis(axis, x.ndim)
-    n_channels = x.shape[axis]
-    eps = _check_eps(eps)
-    mean, _ = _per_channel(running_mean, "running_mean", n_channels, None)
-    var, _ = _per_channel(running_var, "running_var", n_channels, None)
-    if not np.all(np.isfinite(mean)):
-        raise ValueError("running_mean must be finite (it holds NaN or Inf)")
-    if not np.all(var >= 0) or not np.all(np.isfinite(var)):
-        raise ValueError(
-            "running_var must be non-negative and finite (it holds a negative value, NaN or Inf)"
-        )
-    weight, gamma_dtype = _per_channel(gamma, "gamma", n_channels, 1.0)
-    bias, beta_dtype = _per_channel(beta, "beta", n_channels, 0.0)
-    y = (np.empty(x.shape, x.dtype) if out is None
-         else _check_out(out, "out", x.shape, x.dtype, x, x_given))
-    view, rows = _layout(x, axis)
-    inv_std = np.empty(n_channels)
-    relu = bool(relu)
-    kernel = _kernels.inference_rows if rows else _kernels.inference_planes
-    with launch_guard(x.size):
-        kernel(view, mean, var, eps, weight, bias, relu, y.reshape(view.shape), inv_std)
+    y, view, axis, stats, gamma, beta, relu = _normalize_with(
+        x, running_mean, running_var, gamma, beta, eps, axis, relu, out,
+        "running_mean", "running_var")
     if not return_context:
         return y
-    ctx = BatchNormContext(view, x.shape, axis, mean, var, inv_std, weight, bias,
-                           gamma_dtype, beta_dtype, relu, False, x.size // n_channels)
+    n_channels = stats.shape[1]
+    ctx = BatchNormContext(view, y.shape, axis, stats,
+                           None if gamma is None else gamma.dtype,
+                           None if beta is None else beta.dtype,
+                           relu, False, view.size // n_channels)
     return y, ctx
+
+
+def _check_backward_args(dy, ctx):
+    if type(ctx) is not BatchNormContext:
+        raise TypeError(
+            f"ctx must be the BatchNormContext returned by a forward call, "
+            f"got {type(ctx).__name__}"
+        )
+    dy = _as_data(dy, "dy")
+    if dy.shape != ctx._shape:
+        raise ValueError(f"dy must have the shape of x, {ctx._shape}, got {dy.shape}")
+    if dy.dtype is not ctx._x_view.dtype and dy.dtype != ctx._x_view.dtype:
+        raise TypeError(f"dy must have the dtype of x, {ctx.dtype}, got {dy.dtype}")
+    return dy
+
+
+def _grads_buffer(ctx, n_channels):
+    """(2, C) buffer for (dgamma, dbeta) in the parameters' common dtype."""
+    gamma_dtype, beta_dtype = ctx._gamma_dtype, ctx._beta_dtype
+    dtype = gamma_dtype or beta_dtype or _F64
+    if beta_dtype is not None and beta_dtype is not dtype and beta_dtype != dtype:
+        dtype = _F64  # mixed parameter dtypes: convert each at the end
+    return np.empty((2, n_channels), dtype)
+
+
+def _split_grads(ctx, grads):
+    dgamma = dbeta = None
+    if ctx._gamma_dtype is not None:
+        dgamma = grads[0] if grads.dtype == ctx._gamma_dtype else grads[0].astype(ctx._gamma_dtype)
+    if ctx._beta_dtype is not None:
+        dbeta = grads[1] if grads.dtype == ctx._beta_dtype else grads[1].astype(ctx._beta_dtype)
+    return dgamma, dbeta
 
 
 def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
@@ -362,29 +465,20 @@ def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
     dgamma, dbeta : ndarray of shape (C,) in the dtype of gamma/beta, or None
         when the forward call had no gamma/beta.
     """
-    if not isinstance(ctx, BatchNormContext):
-        raise TypeError(
-            f"ctx must be the BatchNormContext returned by batch_norm_forward, "
-            f"got {type(ctx).__name__}"
-        )
     dy_given = dy
-    dy = _as_data(dy, "dy")
-    if dy.shape != ctx.shape:
-        raise ValueError(f"dy must have the shape of x, {ctx.shape}, got {dy.shape}")
-    if dy.dtype != ctx.dtype:  # both native-endian here
-        raise TypeError(f"dy must have the dtype of x, {ctx.dtype}, got {dy.dtype}")
-    view = ctx.x_view
-    dx = (np.empty(ctx.shape, ctx.dtype) if out is None
-          else _check_out(out, "out", ctx.shape, ctx.dtype, view, dy, dy_given))
-    n_channels = ctx.mean.shape[0]
-    dgamma = np.empty(n_channels)
-    dbeta = np.empty(n_channels)
-    kernel = _kernels.backward_rows if view.ndim == 2 else _kernels.backward_planes
-    with launch_guard(view.size):
-        kernel(view, dy.reshape(view.shape), ctx.mean, ctx.inv_std, ctx.weight, ctx.bias,
-               ctx.relu, ctx.batch_stats, dx.reshape(view.shape), dgamma, dbeta)
-    dgamma = None if ctx.gamma_dtype is None else dgamma.astype(ctx.gamma_dtype, copy=False)
-    dbeta = None if ctx.beta_dtype is None else dbeta.astype(ctx.beta_dtype, copy=False)
+    dy = _check_backward_args(dy, ctx)
+    view = ctx._x_view
+    dx = (np.empty(ctx._shape, view.dtype) if out is None
+          else _check_out(out, "out", ctx._shape, view.dtype, view, dy, dy_given))
+    stats = ctx._stats
+    grads = _grads_buffer(ctx, stats.shape[1])
+    if ctx._count != view.size // stats.shape[1]:
+        raise ValueError("ctx describes part of a larger batch (batch_norm_normalize): use "
+                         "batch_norm_backward_reduce and batch_norm_backward_apply")
+    launch("backward_rows" if view.ndim == 2 else "backward_planes", view.size,
+           view, dy.reshape(view.shape), stats, ctx._relu, ctx._batch_stats,
+           dx.reshape(view.shape), grads)
+    dgamma, dbeta = _split_grads(ctx, grads)
     return dx, dgamma, dbeta
 
 
@@ -423,27 +517,16 @@ def batch_norm_normalize(x, mean, var, count, gamma=None, beta=None, eps: float 
     :func:`batch_norm_backward_apply`.  With ``mean, var = batch_stats(x)``
     and ``count = x.size // C`` this is :func:`batch_norm_forward`.
     """
-    y, ctx = batch_norm_inference(x, mean, var, gamma, beta, eps=eps, axis=axis, relu=relu,
-                                  out=out, return_context=True)
-    count = _check_count(count, ctx.count)
-    ctx = BatchNormContext(ctx.x_view, ctx.shape, ctx.axis, ctx.mean, ctx.var, ctx.inv_std,
-                           ctx.weight, ctx.bias, ctx.gamma_dtype, ctx.beta_dtype, ctx.relu,
-                           True, count)
+    x_data = _as_data(x, "x")
+    n_channels = x_data.shape[_normalize_axis(axis, x_data.ndim)]
+    count = _check_count(count, x_data.size // n_channels)
+    y, view, axis, stats, gamma, beta, relu = _normalize_with(
+        x, mean, var, gamma, beta, eps, axis, relu, out, "mean", "var")
+    ctx = BatchNormContext(view, y.shape, axis, stats,
+                           None if gamma is None else gamma.dtype,
+                           None if beta is None else beta.dtype,
+                           relu, True, count)
     return y, ctx
-
-
-def _check_backward_args(dy, ctx):
-    if not isinstance(ctx, BatchNormContext):
-        raise TypeError(
-            f"ctx must be the BatchNormContext returned by a forward call, "
-            f"got {type(ctx).__name__}"
-        )
-    dy = _as_data(dy, "dy")
-    if dy.shape != ctx.shape:
-        raise ValueError(f"dy must have the shape of x, {ctx.shape}, got {dy.shape}")
-    if dy.dtype != ctx.dtype:
-        raise TypeError(f"dy must have the dtype of x, {ctx.dtype}, got {dy.dtype}")
-    return dy
 
 
 def batch_norm_backward_reduce(dy, ctx: BatchNormContext):
@@ -456,33 +539,11 @@ def batch_norm_backward_reduce(dy, ctx: BatchNormContext):
     ``dbeta = sum_dy``.
     """
     dy = _check_backward_args(dy, ctx)
-    view = ctx.x_view
-    dy_view = dy.reshape(view.shape)
-    n_channels = ctx.mean.shape[0]
-    mean_hi, mean_lo, scale, shift = _kernels._normalize_constants(
-        ctx.mean, ctx.inv_std, ctx.weight, ctx.bias, view)
-    sum_dy = np.empty(n_channels)
-    sum_dy_xc = np.empty(n_channels)
-    with launch_guard(view.size):
-        if view.ndim == 2:
-            n_row_chunks, n_blocks = _kernels.rows_plan(view.shape[0], n_channels)
-            part_a = np.empty((n_row_chunks, n_channels))
-            part_b = np.empty((n_row_chunks, n_channels))
-            _kernels._rows_grad_partials(view, dy_view, ctx.mean, mean_hi, mean_lo, scale, shift,
-                                         ctx.relu, n_row_chunks, n_blocks, part_a, part_b)
-        else:
-            n_outer, n_inner = _kernels.planes_plan(*view.shape)
-            part_a = np.empty((n_outer * n_inner, n_channels))
-            part_b = np.empty((n_outer * n_inner, n_channels))
-            if ctx.relu:
-                _kernels._planes_grad_partials_relu(view, dy_view, ctx.mean, mean_hi, mean_lo,
-                                                    scale, shift, n_outer, n_inner, part_a,
-                                                    part_b)
-            else:
-                _kernels._planes_grad_partials(view, dy_view, ctx.mean, n_outer, n_inner,
-                                               part_a, part_b)
-        _kernels._merge_sums(part_a, part_b, sum_dy, sum_dy_xc)
-    return sum_dy, sum_dy_xc
+    view = ctx._x_view
+    sums = np.empty((2, ctx._stats.shape[1]))
+    launch("backward_reduce_rows" if view.ndim == 2 else "backward_reduce_planes", view.size,
+           view, dy.reshape(view.shape), ctx._stats, ctx._relu, sums)
+    return sums[0], sums[1]
 
 
 def batch_norm_backward_apply(dy, ctx: BatchNormContext, sum_dy, sum_dy_xc, out=None):
@@ -491,20 +552,16 @@ def batch_norm_backward_apply(dy, ctx: BatchNormContext, sum_dy, sum_dy_xc, out=
     ``dx = weight*inv_std * (dy' - sum_dy/N - x_hat * inv_std*sum_dy_xc/N)`` with
     ``N = ctx.count``; one sweep.  Returns ``dx`` (shape and dtype of ``x``).
     """
+    dy_given = dy
     dy = _check_backward_args(dy, ctx)
-    view = ctx.x_view
-    n_channels = ctx.mean.shape[0]
-    sum_dy, _ = _per_channel(sum_dy, "sum_dy", n_channels, None)
-    sum_dy_xc, _ = _per_channel(sum_dy_xc, "sum_dy_xc", n_channels, None)
-    dx = (np.empty(ctx.shape, ctx.dtype) if out is None
-          else _check_out(out, "out", ctx.shape, ctx.dtype, view, dy))
-    mean_hi, mean_lo, scale, shift = _kernels._normalize_constants(
-        ctx.mean, ctx.inv_std, ctx.weight, ctx.bias, view)
-    k_dy, k_const, k_xhat, inv_std_d = _kernels._backward_constants(
-        sum_dy, sum_dy_xc, ctx.inv_std, ctx.weight, np.float64(ctx.count), ctx.batch_stats,
-        view, np.empty(n_channels), np.empty(n_channels))
-    apply = _kernels._rows_apply if view.ndim == 2 else _kernels._planes_apply
-    with launch_guard(view.size):
-        apply(view, dy.reshape(view.shape), mean_hi, mean_lo, scale, shift, inv_std_d, ctx.relu,
-              k_dy, k_const, k_xhat, dx.reshape(view.shape))
+    view = ctx._x_view
+    n_channels = ctx._stats.shape[1]
+    sums = np.empty((2, n_channels))
+    sums[0] = _channel_array(sum_dy, "sum_dy", n_channels)
+    sums[1] = _channel_array(sum_dy_xc, "sum_dy_xc", n_channels)
+    dx = (np.empty(ctx._shape, view.dtype) if out is None
+          else _check_out(out, "out", ctx._shape, view.dtype, view, dy, dy_given))
+    launch("backward_apply_rows" if view.ndim == 2 else "backward_apply_planes", view.size,
+           view, dy.reshape(view.shape), ctx._stats, ctx._relu, ctx._batch_stats,
+           np.float64(ctx._count), sums, dx.reshape(view.shape), np.empty((2, n_channels)))
     return dx

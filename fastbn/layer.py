@@ -70,6 +70,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+from .kernels import BAD_BATCH_STATS, OVERFLOW, update_running_stats
 
 __all__ = ["BatchNorm"]
 
@@ -326,6 +327,10 @@ class BatchNorm:
     # -- forward / backward --------------------------------------------------
 
     def _check_input(self, x) -> np.ndarray:
+        if type(x) is np.ndarray and x.dtype is self._dtype and x.ndim >= 2:
+            axis = self._axis
+            if -x.ndim <= axis < x.ndim and x.shape[axis] == self._num_features:
+                return x  # the fast path: what a training loop passes every step
         if x is None:
             raise TypeError("x must be an array, got None")
         if not isinstance(x, np.ndarray):
@@ -363,28 +368,21 @@ class BatchNorm:
         statistics are NaN/Inf.
         """
         x = self._check_input(x)
-        # Snapshot the parameters: the context keeps them for backward, and the
-        # user may update self.weight/self.bias in place before calling it.
-        weight = None if self.weight is None else self.weight.copy()
-        bias = None if self.bias is None else self.bias.copy()
-        use_batch_stats = self.training or not self._track_running_stats
-        if not use_batch_stats:
-            y, ctx = batch_norm_inference(x, self.running_mean, self.running_var, weight, bias,
-                                          eps=self._eps, axis=self._axis, relu=self._relu,
-                                          return_context=True)
+        # The functional calls copy the parameters into the context, so an
+        # in-place update of self.weight/self.bias before backward() is safe.
+        if not (self.training or not self._track_running_stats):
+            y, ctx = batch_norm_inference(x, self.running_mean, self.running_var, self.weight,
+                                          self.bias, eps=self._eps, axis=self._axis,
+                                          relu=self._relu, return_context=True)
             self._ctx = ctx
             return y
 
-        y, ctx = batch_norm_forward(x, weight, bias, eps=self._eps, axis=self._axis,
+        y, ctx = batch_norm_forward(x, self.weight, self.bias, eps=self._eps, axis=self._axis,
                                     relu=self._relu)
-        bad = ~(np.isfinite(ctx.mean) & np.isfinite(ctx.var))
-        if bad.any():
-            raise FloatingPointError(
-                f"non-finite batch statistics (the batch holds NaN or Inf) in channel(s) "
-                f"{_channel_list(bad)}; the layer's state was left unchanged"
-            )
         if self.training and self._track_running_stats:
             self._update_running_stats(ctx)
+        else:
+            self._check_finite_statistics(ctx)
         self._ctx = ctx
         return y
 
@@ -392,26 +390,36 @@ class BatchNorm:
         """Same as :meth:`forward`."""
         return self.forward(x)
 
-    def _update_running_stats(self, ctx) -> None:
-        count = self.num_batches_tracked + 1
-        factor = 1.0 / count if self._momentum is None else self._momentum
-        n = ctx.count
-        unbiased = ctx.var * (n / (n - 1))
-        # float64 arithmetic, rounded once to the layer dtype (as PyTorch's CPU kernel)
-        with np.errstate(over="ignore"):  # overflow is detected just below
-            new_mean = ((1.0 - factor) * self.running_mean.astype(np.float64)
-                        + factor * ctx.mean).astype(self._dtype)
-            new_var = ((1.0 - factor) * self.running_var.astype(np.float64)
-                       + factor * unbiased).astype(self._dtype)
-        bad = ~(np.isfinite(new_mean) & np.isfinite(new_var))
-        if bad.any():  # float32 overflow of a huge variance
+    @staticmethod
+    def _check_finite_statistics(ctx) -> None:
+        bad = ~(np.isfinite(ctx.mean) & np.isfinite(ctx.var))
+        if bad.any():
             raise FloatingPointError(
-                f"running statistics would overflow {self._dtype} in channel(s) "
+                f"non-finite batch statistics (the batch holds NaN or Inf) in channel(s) "
                 f"{_channel_list(bad)}; the layer's state was left unchanged"
             )
-        self.running_mean[...] = new_mean
-        self.running_var[...] = new_var
-        self.num_batches_tracked = count
+
+    def _momentum_factor(self) -> float:
+        """Weight of this batch in the running statistics (before counting it)."""
+        if self._momentum is None:
+            return 1.0 / (self.num_batches_tracked + 1)
+        return self._momentum
+
+    def _update_running_stats(self, ctx) -> None:
+        """PyTorch's update, in one serial kernel that writes nothing on failure."""
+        status = update_running_stats(ctx._stats, float(ctx.count), self._momentum_factor(),
+                                      self.running_mean, self.running_var)
+        if status == BAD_BATCH_STATS:
+            self._check_finite_statistics(ctx)  # raises, naming the channels
+        if status == OVERFLOW:  # float32 overflow of a huge variance
+            n = ctx.count
+            with np.errstate(over="ignore"):
+                unbiased = (ctx.var * (n / (n - 1))).astype(self._dtype)
+            raise FloatingPointError(
+                f"running statistics would overflow {self._dtype} in channel(s) "
+                f"{_channel_list(~np.isfinite(unbiased))}; the layer's state was left unchanged"
+            )
+        self.num_batches_tracked += 1
 
     def backward(self, dy) -> np.ndarray:
         """Gradient of the loss with respect to the last forward call's input.

@@ -20,17 +20,20 @@ def run_python(args, env_updates=None, timeout=240, cwd=None):
 
 
 def layer_env(layer: str) -> dict:
-    """Environment that selects a Numba threading layer (tbb from pip lives in prefix/lib)."""
-    env = {"NUMBA_THREADING_LAYER": layer}
-    if layer == "tbb":
-        lib = os.path.join(sys.prefix, "lib")
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (lib, os.environ.get("LD_LIBRARY_PATH")) if p
-        )
-    return env
+    """Environment that selects a Numba threading layer.
+
+    No LD_LIBRARY_PATH for tbb: fastbn loads the pip wheel's libtbb itself.
+    """
+    return {"NUMBA_THREADING_LAYER": layer}
+
+
+#: Elements enough for the parallel kernels (below fastbn._launch.SMALL_PROBLEM
+#: every call runs serially and no threading layer is ever loaded).
+PARALLEL_SIZE = 1 << 16
 
 
 def layer_available(layer: str) -> bool:
-    probe = ("import numpy as np, numba, fastbn; fastbn.batch_stats(np.ones((4, 2))); "
+    probe = ("import numpy as np, numba, fastbn; "
+             f"fastbn.batch_stats(np.ones(({PARALLEL_SIZE}, 2))); "
              f"assert numba.threading_layer() == {layer!r}")
     return run_python(["-c", probe], layer_env(layer), timeout=120).returncode == 0

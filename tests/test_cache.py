@@ -16,12 +16,13 @@ PACKAGE = Path(fastbn.__file__).parent
 # package and its cache live.
 CHECK = """
 import numpy as np, fastbn
-from fastbn import _config, _kernels
+from fastbn import _config
+from fastbn.kernels import SERIAL
 x = np.random.default_rng(0).standard_normal((64, 5)) * 3 + 7
 y, ctx = fastbn.batch_norm_forward(x)
 expected = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
 assert np.allclose(y, expected, rtol=0, atol=1e-12), "wrong result"
-stats = _kernels.train_forward_rows.stats
+stats = SERIAL.train_forward_rows.stats  # a small input: the serial variant
 print("file", fastbn.__file__)
 print("cache", _config.CACHE, _config.CACHE_DIR)
 print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
@@ -46,7 +47,8 @@ def _run_check(root: Path, env=None):
 def _make_read_only(root: Path) -> None:
     # A regular file where Numba wants its __pycache__ directory: unwritable
     # even for root, for whom chmod alone does not stop writes.
-    (root / "fastbn" / "__pycache__").write_text("not a directory")
+    for package in (root / "fastbn", root / "fastbn" / "kernels"):
+        (package / "__pycache__").write_text("not a directory")
     for path in (root / "fastbn").rglob("*"):
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     (root / "fastbn").chmod(0o555)
@@ -85,7 +87,7 @@ def test_warm_cache_is_used_by_a_fresh_process(tmp_path):
 def test_corrupt_cache_entries_are_recompiled_not_fatal(tmp_path):
     root = _copy_package(tmp_path)
     _run_check(root)
-    cache_files = list((root / "fastbn" / "__pycache__").glob("_kernels.*.nb*"))
+    cache_files = list((root / "fastbn" / "kernels" / "__pycache__").glob("*.nb*"))
     assert cache_files
     for i, path in enumerate(cache_files):
         if i % 2:

@@ -26,9 +26,9 @@ def test_default_layer_is_thread_safe_or_guarded():
 def test_workqueue_without_the_guard_aborts():
     """Shows the guard is load-bearing: the same run with it disabled kills the process."""
     snippet = (
-        "import contextlib, runpy, sys\n"
-        "import fastbn.functional as F\n"
-        "F.launch_guard = contextlib.nullcontext\n"
+        "import runpy, sys\n"
+        "import fastbn._launch as L\n"
+        "L._parallel_lock = lambda: None\n"
         f"sys.argv = ['x', '8', '200']\n"
         f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n"
     )
