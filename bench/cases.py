@@ -24,7 +24,10 @@ DTYPES = {"float32": np.float32, "float64": np.float64, "f32": np.float32, "f64"
 
 # The grid of ``make bench``: (shape, channel axis).
 FULL_SHAPES: list[tuple[tuple[int, ...], int]] = [
+    ((4, 8), 1),  # the fixed cost of a call
+    ((100, 100), 1),  # a NumPy network's hidden layer: batch 100, 100 units
     ((32, 256), 1),
+    ((64, 512), 1),
     ((256, 1024), 1),
     ((1024, 4096), 1),
     ((8192, 4096), 1),
@@ -33,6 +36,7 @@ FULL_SHAPES: list[tuple[tuple[int, ...], int]] = [
     ((32, 56, 56, 64), -1),
 ]
 QUICK_SHAPES: list[tuple[tuple[int, ...], int]] = [
+    ((100, 100), 1),
     ((32, 256), 1),
     ((1024, 4096), 1),
     ((32, 64, 56, 56), 1),

@@ -54,13 +54,24 @@ OP_TITLES = {"fwdbwd": "forward+backward", "forward": "forward only",
 #: (case id, op, peer or "stream", minimum speed-up or % of STREAM)
 TARGETS = [
     ("fc-1024x4096-f32", "fwdbwd", "numpy", 5.0),
-    ("fc-1024x4096-f32", "fwdbwd", "graph", 12.0),
     ("fc-1024x4096-f32", "fwdbwd", "torch", 1.5),
     ("nchw-32x64x56x56-f32", "fwdbwd", "torch", 2.0),
-    ("fc-8192x4096-f32", "forward", "stream", 80.0),
-    ("fc-8192x4096-f32", "backward", "stream", 80.0),
-    ("fc-32x256-f32", "fwdbwd", "torch", 1.0),
+    # small calls (issue 8): per-call cost decides
+    *[(f"fc-{shape}-f32", op, peer, target)
+      for shape in ("100x100", "32x256", "64x512")
+      for op, peer, target in (("fwdbwd", "numpy", 3.0), ("fwdbwd", "torch", 3.0),
+                               ("forward", "torch", 1.5), ("backward", "torch", 1.5))],
+    ("fc-4x8-f32", "fwdbwd", "time_us", 12.0),  # the fixed cost of a pair, at most
+    # the roofline, on bytes that must move
+    ("fc-8192x4096-f32", "forward", "stream", 85.0),
+    ("fc-8192x4096-f32", "backward", "stream", 85.0),
+    ("nhwc-32x56x56x64-f32", "forward", "stream", 85.0),
+    ("nhwc-32x56x56x64-f32", "backward", "stream", 85.0),
 ]
+#: No operation slower than PyTorch: every case and op at least this ratio,
+#: and forward+backward at least FWDBWD_MIN_LARGE on inputs of >= 1 MiB.
+TORCH_MIN = 1.1
+FWDBWD_MIN_LARGE = 2.0
 
 
 def _parse_args(argv):
@@ -306,11 +317,34 @@ def build_tables(result: dict) -> list[report.Table]:
             "fresh interpreter",
             ["cache", "import", "first fwd+bwd", "total", "whole process"], rows,
             "'whole process' adds interpreter start-up and import numpy."))
+    vs_torch = torch_ratio_rows(result, ops)
+    if vs_torch:
+        tables.append(report.Table(
+            "fastbn vs PyTorch: speed-up per operation (no operation may be slower)",
+            ["case"] + [SHORT[op] for op in ops] + [""], vs_torch,
+            f"LOW marks a ratio below {TORCH_MIN}x, or forward+backward below "
+            f"{FWDBWD_MIN_LARGE}x on an input of at least 1 MiB."))
     targets = target_rows(result)
     if targets:
         tables.append(report.Table("targets (informational)",
                                    ["case", "op", "against", "target", "measured", ""], targets))
     return tables
+
+
+def torch_ratio_rows(result: dict, ops: list[str]) -> list[list[str]]:
+    """One row per case: fastbn's speed-up over torch per operation, flagged when too low."""
+    rows = []
+    for c in result["cases"]:
+        ratios = {op: c["speedup"].get(op, {}).get("torch") for op in ops}
+        if all(r is None for r in ratios.values()):
+            continue
+        large = c["bytes"] >= 2**20
+        low = [op for op, r in ratios.items() if r is not None and (
+            r < TORCH_MIN or (op == "fwdbwd" and large and r < FWDBWD_MIN_LARGE))]
+        rows.append([c["case"]["label"]]
+                    + ["-" if r is None else f"{r:.2f}x" for r in ratios.values()]
+                    + ["LOW: " + ", ".join(SHORT[op] for op in low) if low else "ok"])
+    return rows
 
 
 def target_rows(result: dict) -> list[list[str]]:
@@ -320,7 +354,14 @@ def target_rows(result: dict) -> list[list[str]]:
         c = by_id.get(case_id)
         if c is None:
             continue
-        if peer == "stream":
+        if peer == "time_us":
+            fast = c["timings"].get(op, {}).get("fastbn", {}).get("median")
+            if fast is None:
+                continue
+            value = fast * 1e6
+            rows.append([c["case"]["label"], OP_TITLES[op], "time", f"<= {target:g} µs",
+                         f"{value:.1f} µs", "met" if value <= target else "MISSED"])
+        elif peer == "stream":
             value = c["pct_stream"].get(op)
             if value is None:
                 continue

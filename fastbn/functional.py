@@ -222,11 +222,27 @@ def _kernel_arrays(like: np.dtype, *arrays):
                                   and a.flags.writeable):
             common = _F64
             break
+    empty = _NO_PARAMETER[common]
     if common is like:
-        empty = _NO_PARAMETER[like]
-        return tuple(empty if a is None else a for a in arrays)
-    empty = _NO_PARAMETER[_F64]
-    return tuple(empty if a is None else np.array(a, dtype=_F64) for a in arrays)
+        return [empty if a is None else a for a in arrays]
+    return [empty if a is None else np.array(a, dtype=_F64) for a in arrays]
+
+
+def _is_kernel_ready(a, like: np.dtype, n_channels: int) -> bool:
+    """True for a per-channel array the kernels take as is (the common case, checked fast)."""
+    return (type(a) is np.ndarray and a.dtype is like and a.ndim == 1
+            and a.shape[0] == n_channels and a.flags.c_contiguous and a.flags.writeable)
+
+
+def _parameters(gamma, beta, n_channels: int, like: np.dtype):
+    """(weight, bias) for the kernels and the (gamma, beta) dtypes (None when absent)."""
+    if _is_kernel_ready(gamma, like, n_channels) and _is_kernel_ready(beta, like, n_channels):
+        return gamma, beta, like, like
+    gamma = _channel_array(gamma, "gamma", n_channels)
+    beta = _channel_array(beta, "beta", n_channels)
+    weight, bias = _kernel_arrays(like, gamma, beta)
+    return (weight, bias, None if gamma is None else gamma.dtype,
+            None if beta is None else beta.dtype)
 
 
 def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.ndarray:
@@ -249,8 +265,10 @@ def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.nda
 def _layout(x: np.ndarray, axis: int):
     """The (outer, C) or (outer, C, inner) view of a C-contiguous x, and whether it is rows."""
     shape = x.shape
+    if x.ndim == 2 and axis == 1:  # (N, C): already the rows view
+        return x, True
     n_channels = shape[axis]
-    if axis == x.ndim - 1:  # (N, C) and channels-last: rows
+    if axis == x.ndim - 1:  # channels-last: rows
         return x.reshape(x.size // n_channels, n_channels), True
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1:])
@@ -339,22 +357,19 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     axis = _normalize_axis(axis, x.ndim)
     n_channels = x.shape[axis]
     eps = _check_eps(eps)
-    gamma = _channel_array(gamma, "gamma", n_channels)
-    beta = _channel_array(beta, "beta", n_channels)
-    _check_training_count(x, n_channels)
+    weight, bias, gamma_dtype, beta_dtype = _parameters(gamma, beta, n_channels, x.dtype)
+    count = x.size // n_channels
+    if count < 2:
+        _check_training_count(x, n_channels)
     y = (np.empty(x.shape, x.dtype) if out is None
          else _check_out(out, "out", x.shape, x.dtype, x, x_given))
     view, rows = _layout(x, axis)
-    weight, bias = _kernel_arrays(x.dtype, gamma, beta)
     stats = np.empty((N_STATS, n_channels))
-    relu = bool(relu)
+    relu = relu is True or bool(relu)
     launch("train_forward_rows" if rows else "train_forward_planes", x.size,
-           view, weight, bias, eps, relu, y.reshape(view.shape), stats)
-    ctx = BatchNormContext(view, x.shape, axis, stats,
-                           None if gamma is None else gamma.dtype,
-                           None if beta is None else beta.dtype,
-                           relu, True, x.size // n_channels)
-    return y, ctx
+           view, weight, bias, eps, relu, y if view is x else y.reshape(view.shape), stats)
+    return y, BatchNormContext(view, x.shape, axis, stats, gamma_dtype, beta_dtype, relu, True,
+                               count)
 
 
 def _normalize_with(x, mean, var, gamma, beta, eps, axis, relu, out, mean_name, var_name):
@@ -367,20 +382,29 @@ def _normalize_with(x, mean, var, gamma, beta, eps, axis, relu, out, mean_name, 
     if mean is None or var is None:
         raise TypeError(f"{mean_name if mean is None else var_name} must be an array of shape "
                         f"({n_channels},), got None")
-    mean = _channel_array(mean, mean_name, n_channels)
-    var = _channel_array(var, var_name, n_channels)
-    gamma = _channel_array(gamma, "gamma", n_channels)
-    beta = _channel_array(beta, "beta", n_channels)
+    like = x.dtype
+    if (_is_kernel_ready(mean, like, n_channels) and _is_kernel_ready(var, like, n_channels)
+            and _is_kernel_ready(gamma, like, n_channels)
+            and _is_kernel_ready(beta, like, n_channels)):
+        weight, bias, gamma_dtype, beta_dtype = gamma, beta, like, like  # the fast path
+    else:
+        mean = _channel_array(mean, mean_name, n_channels)
+        var = _channel_array(var, var_name, n_channels)
+        gamma = _channel_array(gamma, "gamma", n_channels)
+        beta = _channel_array(beta, "beta", n_channels)
+        gamma_dtype = None if gamma is None else gamma.dtype
+        beta_dtype = None if beta is None else beta.dtype
+        mean, var, weight, bias = _kernel_arrays(like, mean, var, gamma, beta)
     y = (np.empty(x.shape, x.dtype) if out is None
          else _check_out(out, "out", x.shape, x.dtype, x, x_given))
     view, rows = _layout(x, axis)
-    mean, var, weight, bias = _kernel_arrays(x.dtype, mean, var, gamma, beta)
     stats = np.empty((N_STATS, n_channels))
-    relu = bool(relu)
+    relu = relu is True or bool(relu)
     status = launch("normalize_rows" if rows else "normalize_planes", x.size,
-                    view, mean, var, weight, bias, eps, relu, y.reshape(view.shape), stats)
+                    view, mean, var, weight, bias, eps, relu,
+                    y if view is x else y.reshape(view.shape), stats)
     _raise_bad_statistics(status, mean_name, var_name)
-    return y, view, axis, stats, gamma, beta, relu
+    return y, view, axis, stats, gamma_dtype, beta_dtype, relu
 
 
 def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
@@ -396,17 +420,13 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
     (``dx = dy' * gamma * inv_std``).  Any number of values per channel,
     including 1, is accepted.
     """
-    y, view, axis, stats, gamma, beta, relu = _normalize_with(
+    y, view, axis, stats, gamma_dtype, beta_dtype, relu = _normalize_with(
         x, running_mean, running_var, gamma, beta, eps, axis, relu, out,
         "running_mean", "running_var")
     if not return_context:
         return y
-    n_channels = stats.shape[1]
-    ctx = BatchNormContext(view, y.shape, axis, stats,
-                           None if gamma is None else gamma.dtype,
-                           None if beta is None else beta.dtype,
-                           relu, False, view.size // n_channels)
-    return y, ctx
+    return y, BatchNormContext(view, y.shape, axis, stats, gamma_dtype, beta_dtype, relu, False,
+                               view.size // stats.shape[1])
 
 
 def _check_backward_args(dy, ctx):
@@ -435,9 +455,13 @@ def _grads_buffer(ctx, n_channels):
 def _split_grads(ctx, grads):
     dgamma = dbeta = None
     if ctx._gamma_dtype is not None:
-        dgamma = grads[0] if grads.dtype == ctx._gamma_dtype else grads[0].astype(ctx._gamma_dtype)
+        dgamma = grads[0]
+        if dgamma.dtype != ctx._gamma_dtype:
+            dgamma = dgamma.astype(ctx._gamma_dtype)
     if ctx._beta_dtype is not None:
-        dbeta = grads[1] if grads.dtype == ctx._beta_dtype else grads[1].astype(ctx._beta_dtype)
+        dbeta = grads[1]
+        if dbeta.dtype != ctx._beta_dtype:
+            dbeta = dbeta.astype(ctx._beta_dtype)
     return dgamma, dbeta
 
 
@@ -475,9 +499,13 @@ def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
     if ctx._count != view.size // stats.shape[1]:
         raise ValueError("ctx describes part of a larger batch (batch_norm_normalize): use "
                          "batch_norm_backward_reduce and batch_norm_backward_apply")
+    if dy.shape != view.shape:
+        dy = dy.reshape(view.shape)
+        dx_view = dx.reshape(view.shape)
+    else:
+        dx_view = dx
     launch("backward_rows" if view.ndim == 2 else "backward_planes", view.size,
-           view, dy.reshape(view.shape), stats, ctx._relu, ctx._batch_stats,
-           dx.reshape(view.shape), grads)
+           view, dy, stats, ctx._relu, ctx._batch_stats, dx_view, grads)
     dgamma, dbeta = _split_grads(ctx, grads)
     return dx, dgamma, dbeta
 
@@ -520,13 +548,10 @@ def batch_norm_normalize(x, mean, var, count, gamma=None, beta=None, eps: float 
     x_data = _as_data(x, "x")
     n_channels = x_data.shape[_normalize_axis(axis, x_data.ndim)]
     count = _check_count(count, x_data.size // n_channels)
-    y, view, axis, stats, gamma, beta, relu = _normalize_with(
+    y, view, axis, stats, gamma_dtype, beta_dtype, relu = _normalize_with(
         x, mean, var, gamma, beta, eps, axis, relu, out, "mean", "var")
-    ctx = BatchNormContext(view, y.shape, axis, stats,
-                           None if gamma is None else gamma.dtype,
-                           None if beta is None else beta.dtype,
-                           relu, True, count)
-    return y, ctx
+    return y, BatchNormContext(view, y.shape, axis, stats, gamma_dtype, beta_dtype, relu, True,
+                               count)
 
 
 def batch_norm_backward_reduce(dy, ctx: BatchNormContext):

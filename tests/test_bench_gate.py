@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.perf_gate import GATE_CASES, THRESHOLD_FRACTION, THRESHOLDS, evaluate, load_thresholds
+from bench.perf_gate import (
+    GATE_CASES,
+    THRESHOLDS,
+    evaluate,
+    load_thresholds,
+    threshold_fraction,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The case the red-gate demonstration runs: small, channels-first, where the
@@ -54,13 +60,13 @@ def test_committed_thresholds_are_consistent():
         assert len(entry["measured"]) >= 3
         assert entry["measured_min"] == pytest.approx(min(entry["measured"]), abs=1e-3)
         assert thresholds[case_id] == pytest.approx(
-            THRESHOLD_FRACTION * measured[case_id], abs=0.01)
+            threshold_fraction(case_id) * measured[case_id], abs=0.01)
         assert thresholds[case_id] > 1.0, "a threshold at or below 1x gates nothing"
 
 
 def _run_gate(args, env_updates, timeout=180):
     env = dict(os.environ)
-    for key in ("FASTBN_SLOW_FALLBACK", "FASTBN_NO_CACHE"):
+    for key in ("FASTBN_SLOW_FALLBACK", "FASTBN_NO_CACHE", "FASTBN_SERIAL_BELOW"):
         env.pop(key, None)
     env.update(env_updates)
     return subprocess.run([sys.executable, "-m", "bench.perf_gate", *args], cwd=ROOT, env=env,
@@ -77,6 +83,21 @@ def test_gate_goes_red_under_slow_fallback():
     assert f"FAIL {RED_CASE}: fastbn is only" in out, out
     assert "below the committed threshold" in out
     assert "perf-gate: FAILED - 1 of 1 cases below threshold" in out
+
+
+#: The small-call cases, and what they exist to catch: parallel launches for tiny inputs.
+SMALL_CASES = ["fc-100x100-f32/fwdbwd", "fc-4x8-f32/fwdbwd"]
+
+
+@pytest.mark.slow
+def test_small_call_cases_go_red_without_the_serial_path():
+    proc = _run_gate(["--cases", ",".join(SMALL_CASES), "--repeats", "7", "--retries", "0"],
+                     {"FASTBN_SERIAL_BELOW": "0"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "FASTBN_SERIAL_BELOW=0" in out
+    for case_id in SMALL_CASES:
+        assert f"FAIL {case_id}: fastbn is only" in out, out
 
 
 def test_gate_lists_cases():

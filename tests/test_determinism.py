@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _launch
 
 #: (shape, axis, dtype, relu): large rows, CNN-like planes, channels-last,
 #: few huge planes (split inside the plane), a channel-block remainder.  All
-#: have more than 2**15 elements: smaller problems always run on one thread.
+#: have at least fastbn._launch.SMALL_PROBLEM elements: smaller problems always
+#: run the serial kernels on the calling thread.
 CASES = [
     ((1024, 4096), 1, np.float32, False),
     ((1024, 4096), 1, np.float32, True),
@@ -26,7 +28,7 @@ CASES = [
     ((1, 4, 65536), 1, np.float64, False),
     ((1, 4, 65536), 1, np.float64, True),
     ((300, 2000), 1, np.float64, True),
-    ((16384, 3), 1, np.float32, False),   # few channels, many row chunks
+    ((32768, 3), 1, np.float32, False),   # few channels, many row chunks
     ((64, 6, 300), 1, np.float64, False),
 ]
 IDS = [f"{'x'.join(map(str, s))}-axis{a}-{np.dtype(d).name}{'-relu' if r else ''}"
@@ -65,7 +67,7 @@ def assert_bitwise_equal(a: dict, b: dict):
 
 @pytest.mark.parametrize(("shape", "axis", "dtype", "relu"), CASES, ids=IDS)
 def test_one_and_two_threads_give_identical_bits(num_threads, shape, axis, dtype, relu):
-    assert np.prod(shape) >= 1 << 15
+    assert np.prod(shape) >= _launch.SMALL_PROBLEM
     x, gamma, beta, dy = make_inputs(shape, axis, dtype)
     num_threads(2)
     two = run_all(x, gamma, beta, dy, axis, relu)
@@ -75,6 +77,17 @@ def test_one_and_two_threads_give_identical_bits(num_threads, shape, axis, dtype
     # Sanity: the outputs are real results, not untouched buffers.
     assert np.all(np.isfinite(two["dx"])) and np.any(two["dx"] != 0)
     assert np.all(two["stats_var"] > 0)
+
+
+@pytest.mark.parametrize(("shape", "axis", "dtype", "relu"), CASES, ids=IDS)
+def test_serial_and_parallel_variants_give_identical_bits(monkeypatch, shape, axis, dtype,
+                                                          relu):
+    """Small inputs run the serial compilation of the same kernels: same bits."""
+    x, gamma, beta, dy = make_inputs(shape, axis, dtype)
+    parallel = run_all(x, gamma, beta, dy, axis, relu)
+    monkeypatch.setattr(_launch, "SMALL_PROBLEM", x.size + 1)  # everything serial
+    serial = run_all(x, gamma, beta, dy, axis, relu)
+    assert_bitwise_equal(serial, parallel)
 
 
 def test_thread_count_is_restored_by_fixture(num_threads):

@@ -20,9 +20,9 @@ CALLS_PER_THREAD = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 CASES = [  # (shape, axis, relu, dtype)
     ((64, 256), 1, False, np.float32),
     ((32, 96), 1, True, np.float64),
-    ((8, 16, 20, 20), 1, False, np.float32),
+    ((8, 16, 24, 24), 1, False, np.float32),  # >= 65536 elements: parallel kernels
     ((4, 12, 300), 1, True, np.float32),
-    ((6, 10, 10, 24), -1, False, np.float64),
+    ((12, 16, 16, 24), -1, False, np.float64),  # parallel as well
 ]
 
 
