@@ -5,12 +5,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench clean demo bench-mpi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,examples]'
 	touch $@
 
 install: $(STAMP)
@@ -20,6 +20,20 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fastbn tests bench examples
+
+# The deep-network demonstration: tables on the terminal, figures in DEMO_OUT.
+DEMO_OUT  ?= examples/results
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python examples/deep_network.py --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# Synchronized batch norm over MPI: 1, 2 and 3 ranks (the mpi extra brings MPICH).
+MPI_STAMP := $(VENV)/.installed-mpi
+$(MPI_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,examples,mpi]'
+	touch $@
+bench-mpi: $(MPI_STAMP)
+	for n in 1 2 3; do $(BIN)/mpiexec -n $$n $(BIN)/python -m bench.mpi_bench || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks

@@ -380,9 +380,9 @@ class BatchNorm:
         y, ctx = batch_norm_forward(x, self.weight, self.bias, eps=self._eps, axis=self._axis,
                                     relu=self._relu)
         if self.training and self._track_running_stats:
-            self._update_running_stats(ctx)
+            self._update_running_stats(ctx._stats, ctx.count)
         else:
-            self._check_finite_statistics(ctx)
+            self._check_finite_statistics(ctx.mean, ctx.var)
         self._ctx = ctx
         return y
 
@@ -391,8 +391,8 @@ class BatchNorm:
         return self.forward(x)
 
     @staticmethod
-    def _check_finite_statistics(ctx) -> None:
-        bad = ~(np.isfinite(ctx.mean) & np.isfinite(ctx.var))
+    def _check_finite_statistics(mean, var) -> None:
+        bad = ~(np.isfinite(mean) & np.isfinite(var))
         if bad.any():
             raise FloatingPointError(
                 f"non-finite batch statistics (the batch holds NaN or Inf) in channel(s) "
@@ -405,16 +405,17 @@ class BatchNorm:
             return 1.0 / (self.num_batches_tracked + 1)
         return self._momentum
 
-    def _update_running_stats(self, ctx) -> None:
-        """PyTorch's update, in one serial kernel that writes nothing on failure."""
-        status = update_running_stats(ctx._stats, float(ctx.count), self._momentum_factor(),
+    def _update_running_stats(self, stats: np.ndarray, count: int) -> None:
+        """PyTorch's update from batch statistics (``stats[0]`` mean, ``stats[1]`` biased
+        variance, float64, over ``count`` values per channel), in one serial kernel
+        that writes nothing on failure."""
+        status = update_running_stats(stats, float(count), self._momentum_factor(),
                                       self.running_mean, self.running_var)
         if status == BAD_BATCH_STATS:
-            self._check_finite_statistics(ctx)  # raises, naming the channels
+            self._check_finite_statistics(stats[0], stats[1])  # raises, naming the channels
         if status == OVERFLOW:  # float32 overflow of a huge variance
-            n = ctx.count
             with np.errstate(over="ignore"):
-                unbiased = (ctx.var * (n / (n - 1))).astype(self._dtype)
+                unbiased = (stats[1] * (count / (count - 1))).astype(self._dtype)
             raise FloatingPointError(
                 f"running statistics would overflow {self._dtype} in channel(s) "
                 f"{_channel_list(~np.isfinite(unbiased))}; the layer's state was left unchanged"

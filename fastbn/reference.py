@@ -1,9 +1,12 @@
 """Readable NumPy references: test oracles and benchmark baselines.
 
-Two independent ways to get the same numbers:
+Three independent derivations of the same backward pass:
 
 * :func:`forward` / :func:`backward` -- plain NumPy, the closed-form
   derivative exactly as written in the derivation.
+* :func:`paper_backward` -- the chain of Ioffe & Szegedy (2015), Algorithm 1's
+  backward: dL/dx_hat, then dL/dvar, then dL/dmean, then dL/dx (same cache as
+  :func:`backward`).
 * :func:`graph_forward` / :func:`graph_backward` -- a tiny staged computation
   graph in the spirit of micrograd: the forward keeps every intermediate node
   (mean, centred, square, variance, std, inverse, x_hat, scaled, shifted, relu)
@@ -21,7 +24,8 @@ import math
 
 import numpy as np
 
-__all__ = ["forward", "backward", "graph_forward", "graph_backward", "Node"]
+__all__ = ["forward", "backward", "paper_backward", "graph_forward", "graph_backward",
+           "Node"]
 
 
 def _reduce_axes(ndim: int, axis: int) -> tuple:
@@ -63,7 +67,7 @@ def forward(x, gamma=None, beta=None, eps=1e-5, axis=1, relu=False):
     if relu:
         y = np.maximum(y, 0)
     cache = dict(x_hat=x_hat, inv_std=inv_std, gamma=g, y=y, axes=axes, relu=relu,
-                 mean=mean, var=var, count=x.size // x.shape[axis])
+                 mean=mean, var=var, centred=centred, count=x.size // x.shape[axis])
     return y, cache
 
 
@@ -78,6 +82,42 @@ def backward(dy, cache):
     dbeta = dy.sum(axis=axes, keepdims=True)
     dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
     dx = (cache["gamma"] * cache["inv_std"] / n) * (n * dy - dbeta - x_hat * dgamma)
+    return dx, dgamma.ravel(), dbeta.ravel()
+
+
+def paper_backward(dy, cache):
+    """The backward pass as Ioffe & Szegedy (2015) derive it, one intermediate at a time.
+
+    With ``x_hat = (x - mean) / sqrt(var + eps)`` and ``y = gamma * x_hat + beta``
+    over a batch of ``m`` values per channel, the paper's chain rule reads::
+
+        dL/dx_hat = dL/dy * gamma
+        dL/dvar   = sum(dL/dx_hat * (x - mean)) * -1/2 * (var + eps)^(-3/2)
+        dL/dmean  = sum(dL/dx_hat * -1/sqrt(var + eps)) + dL/dvar * sum(-2 (x - mean)) / m
+        dL/dx     = dL/dx_hat / sqrt(var + eps) + dL/dvar * 2 (x - mean) / m + dL/dmean / m
+        dL/dgamma = sum(dL/dy * x_hat)
+        dL/dbeta  = sum(dL/dy)
+
+    (sums over every axis but the channel axis).  The term ``sum(-2 (x - mean))``
+    is zero in exact arithmetic; it is kept, as in the paper.  Same signature
+    and result as :func:`backward`: ``(dx, dgamma, dbeta)`` from the cache of
+    :func:`forward`.
+    """
+    dy = np.asarray(dy)
+    axes = cache["axes"]
+    if cache["relu"]:  # the fused ReLU first: its gradient passes where y > 0
+        dy = dy * (cache["y"] > 0)
+    x_hat, inv_std, gamma = cache["x_hat"], cache["inv_std"], cache["gamma"]
+    centred = cache["centred"]  # x - mean
+    m = cache["count"]
+
+    dx_hat = dy * gamma
+    dvar = (dx_hat * centred).sum(axis=axes, keepdims=True) * (-0.5 * inv_std**3)
+    dmean = ((dx_hat * -inv_std).sum(axis=axes, keepdims=True)
+             + dvar * (-2 * centred).sum(axis=axes, keepdims=True) / m)
+    dx = dx_hat * inv_std + dvar * 2 * centred / m + dmean / m
+    dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
+    dbeta = dy.sum(axis=axes, keepdims=True)
     return dx, dgamma.ravel(), dbeta.ravel()
 
 
