@@ -1,0 +1,374 @@
+"""fastbn inside PyTorch: drop-in ``BatchNorm{1,2,3}d``, ``convert(model)``, CPU ``SyncBatchNorm``.
+
+    import fastbn.torch as fbt
+    bn = fbt.BatchNorm2d(64)                    # same arguments as torch.nn.BatchNorm2d
+    model = fbt.convert(model)                  # every torch.nn.BatchNorm{1,2,3}d, in place
+    sbn = fbt.SyncBatchNorm(64)                 # CPU, torch.distributed (gloo)
+    model = fbt.SyncBatchNorm.convert_sync_batchnorm(model)
+
+The modules *are* ``torch.nn.BatchNorm*d`` (subclasses): ``isinstance``,
+``state_dict`` keys, ``load_state_dict``, ``.to(dtype)``, ``train()``/``eval()``,
+hooks and optimizers behave as usual; only the arithmetic changes.
+
+Where fastbn runs: CPU float32/float64 tensors that are contiguous, or
+``channels_last``/``channels_last_3d`` (mapped to fastbn's ``axis=-1`` through
+a zero-copy NumPy view).  Anything else -- CUDA, float16/bfloat16, other
+strides -- falls back to ``torch.nn.BatchNorm*d.forward`` with identical
+semantics.
+
+Autograd goes through ``torch.library.custom_op`` (``fastbn::batch_norm`` and
+its backward) with ``register_autograd`` and fake implementations, so
+``torch.compile`` sees one opaque op instead of a graph break.  Double
+backward is not supported (it raises, naming ``torch.nn.BatchNorm2d``).
+
+Semantics are PyTorch's (momentum and ``momentum=None``, ``num_batches_tracked``,
+unbiased running variance, ``track_running_stats=False``, ``affine=False``, the
+batch-of-one error), with one deliberate difference: a training batch whose
+statistics are not finite (it holds NaN or Inf) leaves the running statistics
+untouched and warns once, instead of poisoning them for good (PyTorch issue
+#90342).  The output is still NaN there, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import functional as _fn
+from .functional import BatchNormContext
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
+           "TorchDistributedCommunicator"]
+
+_FLOATS = (torch.float32, torch.float64)
+_DOUBLE_BACKWARD = ("fastbn's batch norm does not support double backward (gradients of "
+                    "gradients); use torch.nn.BatchNorm2d (or 1d/3d) for that model")
+
+
+# ---------------------------------------------------------------------------
+# Tensor <-> NumPy views (no copies)
+# ---------------------------------------------------------------------------
+
+
+def _fastbn_layout(x: torch.Tensor):
+    """``(numpy view, axis)`` when fastbn can run on ``x`` without a copy, else None."""
+    if x.device.type != "cpu" or x.dtype not in _FLOATS or x.dim() < 2 or x.numel() == 0:
+        return None
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return None
+
+
+def _to_numpy(x: torch.Tensor, layout: str) -> tuple[np.ndarray, int]:
+    if layout == "contiguous":
+        return x.detach().numpy(), 1
+    order = (0, *range(2, x.dim()), 1)  # N, spatial..., C: contiguous for channels_last
+    return x.detach().permute(*order).numpy(), -1
+
+
+def _from_numpy(array: np.ndarray, layout: str, ndim: int) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if layout == "contiguous":
+        return tensor
+    return tensor.permute(0, ndim - 1, *range(1, ndim - 1))  # back to N, C, spatial...
+
+
+def _parameter(t):
+    return None if t is None else t.detach().numpy()
+
+
+# ---------------------------------------------------------------------------
+# The custom ops: forward (training statistics) and its backward
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastbn::batch_norm", mutates_args=())
+def _batch_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm: ``(y, stats)``, stats the float64 (5, C) workspace."""
+    layout = _fastbn_layout(x)
+    array, axis = _to_numpy(x, layout)
+    y, ctx = _fn.batch_norm_forward(array, _parameter(weight), _parameter(bias), eps=eps,
+                                    axis=axis)
+    return _from_numpy(y, layout, x.dim()), torch.from_numpy(ctx._stats)
+
+
+@_batch_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x), x.new_empty((5, x.shape[1]), dtype=torch.float64)
+
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                            has_weight: bool, has_bias: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)`` from the forward's input and statistics (two sweeps)."""
+    layout = _fastbn_layout(x)
+    array, axis = _to_numpy(x, layout)
+    dy = dy.contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                       and x.dim() == 4 else torch.channels_last_3d
+                       if layout == "channels_last" else torch.contiguous_format)
+    dy_array, _ = _to_numpy(dy, layout)
+    stats_array = stats.numpy()
+    n_channels = stats_array.shape[1]
+    dtype = array.dtype
+    axis %= array.ndim
+    view, _ = _fn._layout(array, axis)
+    # The context of the forward call, rebuilt from its saved workspace: no sweep.
+    ctx = BatchNormContext(view, array.shape, axis, stats_array,
+                           dtype if has_weight else None, dtype if has_bias else None,
+                           False, True, array.size // n_channels)
+    dx, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx)
+    def as_tensor(grad):  # outputs must not alias each other: fresh zeros when absent
+        return torch.zeros(n_channels, dtype=x.dtype) if grad is None else torch.from_numpy(grad)
+
+    return _from_numpy(dx, layout, x.dim()), as_tensor(dgamma), as_tensor(dbeta)
+
+
+@_batch_norm_backward_op.register_fake
+def _(dy, x, stats, has_weight, has_bias):
+    n_channels = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(n_channels), x.new_empty(n_channels))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, stats = output
+    ctx.save_for_backward(x, stats)
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dstats):
+    x, stats = ctx.saved_tensors
+    dx, dweight, dbias = _batch_norm_backward_op(dy, x, stats, ctx.has_weight, ctx.has_bias)
+    return (dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None)
+
+
+torch.library.register_autograd("fastbn::batch_norm", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _backward_setup(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("fastbn::batch_norm_backward", _no_double_backward,
+                                setup_context=_backward_setup)
+
+
+# ---------------------------------------------------------------------------
+# The modules
+# ---------------------------------------------------------------------------
+
+
+class _FastBatchNormMixin:
+    """The forward shared by the three modules (``self`` is a torch.nn.BatchNorm*d)."""
+
+    _warned_nonfinite = False
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        layout = _fastbn_layout(x)
+        if layout is None or (self.weight is not None and self.weight.dtype != x.dtype):
+            return super().forward(x)  # CUDA, half precision, odd strides: PyTorch's own
+        if not self._use_batch_stats():
+            return self._inference(x, layout)
+        if x.numel() // x.shape[1] < 2:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{x.size()}")
+        y, stats = torch.ops.fastbn.batch_norm(x, self.weight, self.bias, float(self.eps))
+        if self.training and self.track_running_stats:
+            self._update_running_stats(stats, x.numel() // x.shape[1])
+        return y
+
+    def _inference(self, x, layout):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)  # eval-mode gradients: PyTorch's path
+        array, axis = _to_numpy(x, layout)
+        y = _fn.batch_norm_inference(array, self.running_mean.detach().numpy(),
+                                     self.running_var.detach().numpy(), _parameter(self.weight),
+                                     _parameter(self.bias), eps=float(self.eps), axis=axis)
+        return _from_numpy(y, layout, x.dim())
+
+    @torch.no_grad()
+    def _update_running_stats(self, stats: torch.Tensor, count: int) -> None:
+        """PyTorch's update (float64 arithmetic), skipped when the batch statistics are not
+        finite.  Branch-free on tensor values, so torch.compile traces it whole."""
+        mean, var = stats[0], stats[1]
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if not torch.compiler.is_compiling() and not bool(finite):
+            if not _FastBatchNormMixin._warned_nonfinite:
+                _FastBatchNormMixin._warned_nonfinite = True
+                warnings.warn("fastbn: a training batch had non-finite statistics (NaN or "
+                              "Inf); running statistics were left unchanged (torch.nn would "
+                              "have made them NaN)", RuntimeWarning, stacklevel=3)
+        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+        if self.momentum is None:  # cumulative moving average
+            factor = 1.0 / self.num_batches_tracked.double().clamp(min=1)
+        else:
+            factor = self.momentum
+        old_mean, old_var = self.running_mean.double(), self.running_var.double()
+        new_mean = (1 - factor) * old_mean + factor * mean
+        new_var = (1 - factor) * old_var + factor * (var * (count / (count - 1)))
+        self.running_mean.copy_(torch.where(finite, new_mean, old_mean))
+        self.running_var.copy_(torch.where(finite, new_var, old_var))
+
+
+class BatchNorm1d(_FastBatchNormMixin, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` computed by fastbn on CPU float32/float64 tensors."""
+
+
+class BatchNorm2d(_FastBatchNormMixin, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by fastbn on CPU float32/float64 tensors."""
+
+
+class BatchNorm3d(_FastBatchNormMixin, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` computed by fastbn on CPU float32/float64 tensors."""
+
+
+_REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+                 torch.nn.BatchNorm3d: BatchNorm3d}
+
+
+def convert(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every exact ``torch.nn.BatchNorm{1,2,3}d`` of ``model`` a fastbn module, in place.
+
+    The modules keep their identity, ``Parameter`` and buffer objects, hooks
+    and state (only their class changes), so an optimizer built before the
+    conversion keeps working.  Subclasses (and ``SyncBatchNorm``) are left
+    alone.  Returns ``model``.
+    """
+    for module in model.modules():
+        replacement = _REPLACEMENTS.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+    return model
+
+
+# ---------------------------------------------------------------------------
+# SyncBatchNorm over torch.distributed (gloo), on fastbn.distributed's core
+# ---------------------------------------------------------------------------
+
+
+class TorchDistributedCommunicator:
+    """:class:`fastbn.distributed.Communicator` over a ``torch.distributed`` process group."""
+
+    def __init__(self, process_group=None):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.size = dist.get_world_size(process_group)
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.array(values, dtype=np.float64))
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self.group)
+        return tensor.numpy()
+
+
+class _SyncFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        from .distributed import sync_forward
+
+        layout = _fastbn_layout(x)
+        array, axis = _to_numpy(x, layout) if x.numel() else (x.detach().numpy(), 1)
+        fingerprint = (module.num_features, x.element_size(), x.dim(), float(module.eps) * 1e5)
+        y, fctx, mean, var, count = sync_forward(
+            array, _parameter(weight), _parameter(bias), float(module.eps),
+            axis % max(array.ndim, 1), False, module._communicator(), fingerprint)
+        ctx.fctx, ctx.layout, ctx.module, ctx.ndim = fctx, layout, module, x.dim()
+        module._last_global = (mean, var, count)
+        return _from_numpy(y, layout, x.dim()) if x.numel() else torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .distributed import sync_backward
+
+        fctx = ctx.fctx
+        if isinstance(fctx, BatchNormContext):
+            dy = dy.contiguous(memory_format=torch.channels_last if ctx.layout == "channels_last"
+                               and ctx.ndim == 4 else torch.channels_last_3d
+                               if ctx.layout == "channels_last" else torch.contiguous_format)
+            dy_array, _ = _to_numpy(dy, ctx.layout)
+        else:
+            dy_array = dy.detach().numpy()
+        dx, sum_dy, sum_dy_xc = sync_backward(dy_array, fctx, ctx.module._communicator())
+        dx = _from_numpy(dx, ctx.layout, ctx.ndim) if dy.numel() else torch.from_numpy(dx)
+        inv_std = fctx.inv_std if isinstance(fctx, BatchNormContext) else 0.0
+        dweight = torch.from_numpy(inv_std * sum_dy_xc).to(dy.dtype)
+        dbias = torch.from_numpy(sum_dy).to(dy.dtype)
+        return dx, dweight, dbias, None
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """Exact global-batch statistics over a ``torch.distributed`` group, on the CPU.
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors; this one computes with
+    fastbn's communicator-agnostic core (:mod:`fastbn.distributed`) through a
+    gloo ``all_reduce`` adapter.  Same arguments as ``torch.nn.SyncBatchNorm``.
+    Parameter gradients are exact for the global loss once DDP (or you)
+    all-reduce them like every other gradient: each rank contributes its
+    local sums, as in PyTorch.  Eval mode with running statistics is local.
+    """
+
+    def _communicator(self):
+        if getattr(self, "_fastbn_comm", None) is None:
+            self._fastbn_comm = TorchDistributedCommunicator(self.process_group)
+        return self._fastbn_comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        import torch.distributed as dist
+
+        use_batch_stats = self.training or self.running_mean is None
+        if (not use_batch_stats or not (dist.is_available() and dist.is_initialized())
+                or x.device.type != "cpu" or x.dtype not in _FLOATS
+                or (x.numel() and _fastbn_layout(x) is None)):
+            if not use_batch_stats and x.device.type == "cpu":
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                    self.bias, False, 0.0, self.eps)
+            return super().forward(x)
+        y = _SyncFunction.apply(x, self.weight, self.bias, self)
+        if self.training and self.track_running_stats:
+            mean, var, count = self._last_global
+            stats = torch.from_numpy(np.stack([mean, var]))
+            _FastBatchNormMixin._update_running_stats(self, stats, count)
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Every ``torch.nn.BatchNorm*d`` (and fastbn's) of ``module`` as this class."""
+        converted = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+                module, torch.nn.SyncBatchNorm):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group)
+            if module.affine:
+                with torch.no_grad():
+                    converted.weight = module.weight
+                    converted.bias = module.bias
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.train(module.training)
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted

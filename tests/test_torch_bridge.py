@@ -1,0 +1,196 @@
+"""fastbn.torch: drop-in modules equal torch.nn's, convert(), autograd, fallbacks, compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch bridge tests need torch")
+fbt = pytest.importorskip("fastbn.torch")
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+MODULES = [(torch.nn.BatchNorm1d, fbt.BatchNorm1d, (16, 6)),
+           (torch.nn.BatchNorm1d, fbt.BatchNorm1d, (8, 6, 5)),
+           (torch.nn.BatchNorm2d, fbt.BatchNorm2d, (4, 6, 5, 3)),
+           (torch.nn.BatchNorm3d, fbt.BatchNorm3d, (3, 6, 2, 3, 4))]
+
+
+def _assert_close(a, b, tol):
+    a, b = a.detach(), b.detach()
+    scale = max(float(b.abs().max()), 1.0) if b.numel() else 1.0
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= tol * scale if a.numel() else True
+
+
+def _memory_format(ndim, channels_last):
+    if not channels_last or ndim < 4:
+        return torch.contiguous_format
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+@pytest.mark.parametrize("torch_cls, fast_cls, shape", MODULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum, affine, track", [(0.1, True, True), (None, True, True),
+                                                     (0.1, False, True), (0.1, True, False)])
+def test_parity_over_sgd_steps(torch_cls, fast_cls, shape, dtype, channels_last, momentum,
+                               affine, track):
+    if channels_last and len(shape) < 4:
+        pytest.skip("channels-last needs 4 or 5 dimensions")
+    torch.manual_seed(0)
+    ref = torch_cls(6, momentum=momentum, affine=affine, track_running_stats=track,
+                    dtype=dtype)
+    fast = fast_cls(6, momentum=momentum, affine=affine, track_running_stats=track,
+                    dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    tol = TOL[dtype]
+    fmt = _memory_format(len(shape), channels_last)
+    for step in range(3):
+        x = (torch.randn(shape, dtype=dtype) * 3 + step).contiguous(memory_format=fmt)
+        dy = torch.randn(shape, dtype=dtype)
+        x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_fast = ref(x_ref), fast(x_fast)
+        _assert_close(y_fast, y_ref, tol)
+        (y_ref * dy).sum().backward()
+        (y_fast * dy).sum().backward()
+        _assert_close(x_fast.grad, x_ref.grad, tol)
+        if affine:
+            _assert_close(fast.weight.grad, ref.weight.grad, tol)
+            _assert_close(fast.bias.grad, ref.bias.grad, tol)
+            with torch.no_grad():
+                for m in (ref, fast):
+                    m.weight -= 0.1 * m.weight.grad
+                    m.bias -= 0.1 * m.bias.grad
+                    m.weight.grad = m.bias.grad = None
+        if track:
+            _assert_close(fast.running_mean, ref.running_mean, tol)
+            _assert_close(fast.running_var, ref.running_var, tol)
+            assert int(fast.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    ref.eval()
+    fast.eval()
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+    _assert_close(fast(x), ref(x), tol)
+
+
+def test_channels_last_runs_on_a_zero_copy_view(monkeypatch):
+    seen = {}
+    original = fbt._fn.batch_norm_forward
+
+    def spy(x, *args, **kwargs):
+        seen["array"], seen["axis"] = x, kwargs["axis"]
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(fbt._fn, "batch_norm_forward", spy)
+    x = torch.randn(4, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    y = fbt.BatchNorm2d(6)(x)
+    assert seen["axis"] == -1
+    assert np.shares_memory(seen["array"], x.detach().numpy())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gradcheck_float64():
+    module = fbt.BatchNorm2d(3, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-1, 1)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: module(t), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_double_backward_raises_a_clear_error():
+    module = fbt.BatchNorm2d(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="torch.nn.BatchNorm2d"):
+        grad.sum().backward()
+
+
+def test_batch_of_one_raises_like_torch():
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fbt.BatchNorm1d(4)(torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_falls_back_to_torch(dtype):
+    ref = torch.nn.BatchNorm2d(3, dtype=dtype)
+    fast = fbt.BatchNorm2d(3, dtype=dtype)
+    x = torch.randn(4, 3, 5, 5).to(dtype)
+    assert torch.equal(fast(x), ref(x))
+    assert torch.equal(fast.running_var, ref.running_var)
+
+
+def test_odd_strides_fall_back_to_torch():
+    ref, fast = torch.nn.BatchNorm2d(3), fbt.BatchNorm2d(3)
+    x = torch.randn(4, 3, 10, 10)[:, :, ::2, ::3]  # neither contiguous nor channels-last
+    assert fbt._fastbn_layout(x) is None
+    assert torch.allclose(fast(x), ref(x), atol=1e-6)
+
+
+def test_nonfinite_batch_leaves_running_stats_and_warns():
+    module = fbt.BatchNorm1d(3)
+    module(torch.randn(8, 3))
+    before = (module.running_mean.clone(), module.running_var.clone(),
+              int(module.num_batches_tracked))
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    fbt._FastBatchNormMixin._warned_nonfinite = False
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        y = module(x)
+    assert torch.isnan(y[:, 1]).all()  # outputs are NaN, as in PyTorch
+    assert torch.equal(module.running_mean, before[0])
+    assert torch.equal(module.running_var, before[1])
+    assert int(module.num_batches_tracked) == before[2]
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 16), torch.nn.BatchNorm1d(16),
+        torch.nn.Linear(16, 4))
+
+
+def test_convert_small_cnn_keeps_parameters_and_matches():
+    ref, model = _small_cnn(), _small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built BEFORE the conversion
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    assert fbt.convert(model) is model
+    assert [id(p) for p in model.parameters()] == params_before
+    assert list(model.state_dict()) == keys_before
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in
+                   model.modules())
+    assert sum(isinstance(m, (fbt.BatchNorm1d, fbt.BatchNorm2d)) for m in model.modules()) == 3
+    x = torch.randn(8, 3, 6, 6)
+    out_ref, out = ref(x), model(x)
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    out.square().mean().backward()
+    out_ref.square().mean().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+    before = model[0].weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, before)
+
+
+def test_torch_compile_fullgraph():
+    model = fbt.convert(_small_cnn())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 3, 6, 6)
+    expected = _small_cnn()(x)
+    out = compiled(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_import_fastbn_does_not_import_torch():
+    code = "import sys, fastbn, fastbn.distributed; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
