@@ -63,6 +63,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.cli $(BENCH_ARGS)
+	-$(BIN)/python -m bench.torch_bench  # fastbn.torch vs torch.nn (skipped without torch)
 
 perf-gate: $(STAMP)
 	$(BIN)/python -m bench.perf_gate

@@ -89,9 +89,7 @@ def _parameter(t):
 # ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastbn::batch_norm", mutates_args=())
-def _batch_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(x, weight, bias, eps):
     """Training-mode batch norm: ``(y, stats)``, stats the float64 (5, C) workspace."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
@@ -100,15 +98,19 @@ def _batch_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     return _from_numpy(y, layout, x.dim()), torch.from_numpy(ctx._stats)
 
 
+@torch.library.custom_op("fastbn::batch_norm", mutates_args=())
+def _batch_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm as one opaque op for torch.compile: ``(y, stats)``."""
+    return _forward_impl(x, weight, bias, eps)
+
+
 @_batch_norm_op.register_fake
 def _(x, weight, bias, eps):
     return torch.empty_like(x), x.new_empty((5, x.shape[1]), dtype=torch.float64)
 
 
-@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
-def _batch_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
-                            has_weight: bool, has_bias: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(dy, x, stats, has_weight, has_bias):
     """``(dx, dweight, dbias)`` from the forward's input and statistics (two sweeps)."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
@@ -130,6 +132,14 @@ def _batch_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, stats: torch.Tens
         return torch.zeros(n_channels, dtype=x.dtype) if grad is None else torch.from_numpy(grad)
 
     return _from_numpy(dx, layout, x.dim()), as_tensor(dgamma), as_tensor(dbeta)
+
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                            has_weight: bool, has_bias: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward as one opaque op (torch.compile)."""
+    return _backward_impl(dy, x, stats, has_weight, has_bias)
 
 
 @_batch_norm_backward_op.register_fake
@@ -167,6 +177,33 @@ torch.library.register_autograd("fastbn::batch_norm_backward", _no_double_backwa
                                 setup_context=_backward_setup)
 
 
+class _EagerBatchNorm(torch.autograd.Function):
+    """The same forward and backward for eager mode, where a custom op's dispatch costs
+    ~35 us per call (measured at (64, 256): op 56 us vs 23 us for the work itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, stats = _forward_impl(x, weight, bias, eps)
+        ctx.save_for_backward(x, stats)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy, _dstats):
+        if torch.is_grad_enabled():  # create_graph=True: a double backward is coming
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        x, stats = ctx.saved_tensors
+        dx, dweight, dbias = _backward_impl(dy, x, stats, ctx.has_weight, ctx.has_bias)
+        return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+
+def _batch_norm(x, weight, bias, eps):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbn.batch_norm(x, weight, bias, eps)
+    return _EagerBatchNorm.apply(x, weight, bias, eps)
+
+
 # ---------------------------------------------------------------------------
 # The modules
 # ---------------------------------------------------------------------------
@@ -192,7 +229,7 @@ class _FastBatchNormMixin:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{x.size()}")
-        y, stats = torch.ops.fastbn.batch_norm(x, self.weight, self.bias, float(self.eps))
+        y, stats = _batch_norm(x, self.weight, self.bias, float(self.eps))
         if self.training and self.track_running_stats:
             self._update_running_stats(stats, x.numel() // x.shape[1])
         return y
@@ -210,6 +247,8 @@ class _FastBatchNormMixin:
     def _update_running_stats(self, stats: torch.Tensor, count: int) -> None:
         """PyTorch's update (float64 arithmetic), skipped when the batch statistics are not
         finite.  Branch-free on tensor values, so torch.compile traces it whole."""
+        if not torch.compiler.is_compiling() and self._update_in_numpy(stats, count):
+            return
         mean, var = stats[0], stats[1]
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if not torch.compiler.is_compiling() and not bool(finite):
@@ -228,6 +267,33 @@ class _FastBatchNormMixin:
         new_var = (1 - factor) * old_var + factor * (var * (count / (count - 1)))
         self.running_mean.copy_(torch.where(finite, new_mean, old_mean))
         self.running_var.copy_(torch.where(finite, new_var, old_var))
+
+
+    def _update_in_numpy(self, stats: torch.Tensor, count: int) -> bool:
+        """Eager fast path: fastbn's update kernel on zero-copy views of the buffers (one
+        call instead of a dozen small torch ops).  False when it does not apply."""
+        buffers = (self.running_mean, self.running_var)
+        if any(b.device.type != "cpu" or b.dtype not in _FLOATS or not b.is_contiguous()
+               for b in buffers) or stats.dtype != torch.float64:
+            return False
+        from .kernels import BAD_BATCH_STATS, update_running_stats
+
+        tracked = int(self.num_batches_tracked)
+        factor = 1.0 / (tracked + 1) if self.momentum is None else float(self.momentum)
+        status = update_running_stats(stats.numpy(), float(count), factor,
+                                      self.running_mean.detach().numpy(),
+                                      self.running_var.detach().numpy())
+        if status == BAD_BATCH_STATS:
+            if not _FastBatchNormMixin._warned_nonfinite:
+                _FastBatchNormMixin._warned_nonfinite = True
+                warnings.warn("fastbn: a training batch had non-finite statistics (NaN or "
+                              "Inf); running statistics were left unchanged (torch.nn would "
+                              "have made them NaN)", RuntimeWarning, stacklevel=4)
+            return True
+        if status != 0:  # overflow of the buffers' dtype: let the torch path decide
+            return False
+        self.num_batches_tracked.add_(1)
+        return True
 
 
 class BatchNorm1d(_FastBatchNormMixin, torch.nn.BatchNorm1d):
@@ -329,6 +395,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     local sums, as in PyTorch.  Eval mode with running statistics is local.
     """
 
+    _update_running_stats = _FastBatchNormMixin._update_running_stats
+    _update_in_numpy = _FastBatchNormMixin._update_in_numpy
+
     def _communicator(self):
         if getattr(self, "_fastbn_comm", None) is None:
             self._fastbn_comm = TorchDistributedCommunicator(self.process_group)
@@ -350,7 +419,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if self.training and self.track_running_stats:
             mean, var, count = self._last_global
             stats = torch.from_numpy(np.stack([mean, var]))
-            _FastBatchNormMixin._update_running_stats(self, stats, count)
+            self._update_running_stats(stats, count)
         return y
 
     @classmethod

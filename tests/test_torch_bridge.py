@@ -103,8 +103,8 @@ def test_gradcheck_float64():
 def test_double_backward_raises_a_clear_error():
     module = fbt.BatchNorm2d(3, dtype=torch.float64)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="torch.nn.BatchNorm2d"):
+        (grad,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
         grad.sum().backward()
 
 
