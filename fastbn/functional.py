@@ -137,16 +137,38 @@ def _check_float_dtype(dtype: np.dtype, name: str) -> None:
     raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
 
 
+class _ReadOnlyAlias:
+    """Exposes a read-only array's memory to NumPy as writeable (it keeps the array alive).
+
+    Numba types a read-only array as a different type and compiles every
+    kernel again for it; the kernels never write their inputs, so a read-only
+    input is passed through a writeable alias instead: no second compilation,
+    and the very same machine code (hence the same bits) as a writeable input.
+    """
+
+    __slots__ = ("base", "__array_interface__")
+
+    def __init__(self, base: np.ndarray):
+        self.base = base
+        interface = dict(base.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+
+
 def _as_data(x, name: str) -> np.ndarray:
     """Validate a data array (x or dy); return a native-endian, C-contiguous ndarray.
 
     Array subclasses are viewed as plain ndarrays (outputs are plain ndarrays),
-    except masked arrays, whose mask batch norm cannot honour.
+    except masked arrays, whose mask batch norm cannot honour.  A read-only
+    array comes back as a writeable alias of the same memory (see
+    :class:`_ReadOnlyAlias`); fastbn never writes to its inputs.
     """
     if type(x) is np.ndarray:
         dtype = x.dtype
-        if (dtype is _F32 or dtype is _F64) and x.ndim >= 2 and x.size and x.flags.c_contiguous:
-            return x  # the fast path
+        if (dtype is _F32 or dtype is _F64) and x.ndim >= 2 and x.size:
+            flags = x.flags
+            if flags.c_contiguous and flags.writeable:
+                return x  # the fast path
     elif x is None:
         raise TypeError(f"{name} must be an array, got None")
     elif isinstance(x, np.ma.MaskedArray):
@@ -165,6 +187,8 @@ def _as_data(x, name: str) -> np.ndarray:
         return x.astype(x.dtype.newbyteorder("="), order="C")
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
+    if not x.flags.writeable:
+        x = np.asarray(_ReadOnlyAlias(x))
     return x
 
 
