@@ -110,3 +110,39 @@ def test_cold_start_warm_and_empty_cache():
     assert 0 < warm["import_s"] and 0 < warm["first_call_s"]
     # An empty cache compiles; a warm one only loads.
     assert empty["first_call_s"] > warm["first_call_s"]
+
+
+def test_threading_layers_table_medians_and_ratios():
+    from bench.threading_layers import table
+
+    rounds = {"omp": [{"(4, 8) float32|forward": 1.0e-5}, {"(4, 8) float32|forward": 3.0e-5},
+                      {"(4, 8) float32|forward": 2.0e-5}],
+              "tbb": [{"(4, 8) float32|forward": 5.0e-5}, {"(4, 8) float32|forward": 3.0e-5},
+                      {"(4, 8) float32|forward": 4.0e-5}]}
+    text = table(["omp", "tbb"], rounds)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| (4, 8)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # medians 20 us and 40 us: ratio 2.00; spreads 3.00 (omp) and 1.67 (tbb)
+    assert cells == ["(4, 8) float32", "forward", "20.0 µs", "40.0 µs", "2.00", "3.00 / 1.67"]
+    assert "tbb/omp (time ratio, > 1 means tbb is slower): min 2.00, median 2.00" in text
+
+
+@pytest.mark.slow
+def test_threading_layers_runs_each_layer_in_its_own_process(tmp_path):
+    """The workers really load the requested layers (an unknown one is skipped, not fatal)."""
+    import subprocess
+    import sys
+
+    from bench.threading_layers import ROOT
+
+    md = tmp_path / "layers.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.threading_layers", "--shapes", "4x8", "--ops", "forward",
+         "--runs", "1", "--repeats", "3", "--layers", "workqueue,tbb,no-such-layer",
+         "--markdown", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "no-such-layer skipped" in out
+    assert "round 1/1 workqueue" in out and "round 1/1 tbb" in out
+    assert "| (4, 8) float32 | forward |" in md.read_text()
