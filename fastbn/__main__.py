@@ -142,7 +142,7 @@ def info() -> None:
         ("cpu", f"{_cpu_model()} ({os.cpu_count()} logical cores)"),
         ("numba threads", str(numba.get_num_threads())),
         ("threading layer", f"{layer} (requested: "
-         f"{os.environ.get('NUMBA_THREADING_LAYER', 'tbb > omp > workqueue')})"),
+         f"{os.environ.get('NUMBA_THREADING_LAYER', '').strip() or 'tbb > omp > workqueue'})"),
         ("layer safety", "thread-safe: {}, fork-safe: {}".format(
             *("yes" if safe else "no" for safe in _config.layer_safety(layer)))),
         ("tbb library", _config.TBB_LIBRARY or f"not loaded ({_config.TBB_PRELOAD_ERROR})"),

@@ -189,6 +189,10 @@ REDUCTION_FASTMATH: set[str] | bool = (
 USER_CHOSE_LAYER: bool = bool(os.environ.get("NUMBA_THREADING_LAYER", "").strip())
 if not USER_CHOSE_LAYER:
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
+    if not str(numba.config.THREADING_LAYER).strip():
+        # An empty NUMBA_THREADING_LAYER= (a script's ``${LAYER:-}``) means no
+        # choice; Numba itself would reject '' at the first parallel launch.
+        numba.config.THREADING_LAYER = "default"
 
 _TBB_SONAME = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib"}.get(sys.platform)
 

@@ -116,3 +116,17 @@ def test_info_into_a_closed_pipe_exits_quietly():
                             timeout=300)
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
     assert "status=1" in result.stdout
+
+
+def test_empty_layer_variable_means_the_default_order():
+    """``NUMBA_THREADING_LAYER=`` (empty) is no choice: Numba alone rejects '' at launch."""
+    code = ("import numba, numpy as np, fastbn; "
+            "fastbn.batch_norm_forward(np.ones((512, 512), np.float32)); "
+            "print('layer=' + numba.threading_layer())")
+    unset = run_python(["-c", code], timeout=300)
+    empty = run_python(["-c", code], {"NUMBA_THREADING_LAYER": ""}, timeout=300)
+    assert unset.returncode == 0, unset.stderr
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.strip() == unset.stdout.strip()
+    info = run_python(["-m", "fastbn", "info"], {"NUMBA_THREADING_LAYER": " "}, timeout=300)
+    assert "(requested: tbb > omp > workqueue)" in info.stdout, info.stdout
