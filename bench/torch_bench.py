@@ -5,7 +5,9 @@
 1. Module level: ``fbt.BatchNorm{1,2}d`` against ``torch.nn.BatchNorm{1,2}d``,
    training-mode forward plus autograd backward through the module API, on
    ``(32, 64, 56, 56)`` contiguous and channels-last and ``BatchNorm1d``
-   ``(64, 256)``; interleaved samples, medians, float32.
+   ``(64, 256)``; interleaved samples, medians, float32.  ``(64, 256)`` is below
+   ``fastbn.torch.TORCH_BELOW`` (PyTorch's own kernels, guarded), so it is also
+   timed with fastbn's path forced.
 2. End to end: one SGD training step (forward, loss, backward, optimizer) of a
    small CNN (Conv-BN-ReLU x 3, pooling, Linear) on a ``(32, 3, 64, 64)``
    batch, before and after :func:`fastbn.torch.convert`, and the same step
@@ -41,6 +43,16 @@ def _module_cases(torch, fbt):
             module(x).backward(dy)
 
         cases.append((label, step, torch_cls(shape[1]), fast_cls(shape[1])))
+        if x.numel() < fbt.TORCH_BELOW:  # small: also show what fastbn's own path costs
+            def forced(module, s=step):
+                saved, fbt.TORCH_BELOW = fbt.TORCH_BELOW, 0
+                try:
+                    s(module)
+                finally:
+                    fbt.TORCH_BELOW = saved
+
+            cases.append((f"{label}, fastbn path forced", forced, torch_cls(shape[1]),
+                          fast_cls(shape[1])))
     return cases
 
 

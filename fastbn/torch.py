@@ -12,9 +12,11 @@ hooks and optimizers behave as usual; only the arithmetic changes.
 
 Where fastbn runs: CPU float32/float64 tensors that are contiguous, or
 ``channels_last``/``channels_last_3d`` (mapped to fastbn's ``axis=-1`` through
-a zero-copy NumPy view).  Anything else -- CUDA, float16/bfloat16, other
-strides -- falls back to ``torch.nn.BatchNorm*d.forward`` with identical
-semantics.
+a zero-copy NumPy view), of at least :data:`TORCH_BELOW` elements in eager
+mode.  Anything else -- CUDA, float16/bfloat16, other strides -- falls back to
+``torch.nn.BatchNorm*d.forward`` with identical semantics; so do small eager
+inputs, where the Python glue around fastbn's kernels costs more than the
+kernels save (their running statistics keep fastbn's guard, below).
 
 Autograd goes through ``torch.library.custom_op`` (``fastbn::batch_norm`` and
 its backward) with ``register_autograd`` and fake implementations, so
@@ -31,6 +33,7 @@ untouched and warns once, instead of poisoning them for good (PyTorch issue
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -41,9 +44,34 @@ from . import functional as _fn
 from .functional import BatchNormContext
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
-           "TorchDistributedCommunicator"]
+           "TorchDistributedCommunicator", "TORCH_BELOW"]
 
 _FLOATS = (torch.float32, torch.float64)
+
+
+def _torch_below_from_env() -> int:
+    text = os.environ.get("FASTBN_TORCH_BELOW", "").strip()
+    try:
+        return max(0, int(text)) if text else 1 << 18
+    except ValueError:
+        warnings.warn(f"FASTBN_TORCH_BELOW={text!r} is not an integer; using 262144",
+                      RuntimeWarning, stacklevel=2)
+        return 1 << 18
+
+
+#: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
+#: (running statistics still guarded against non-finite batches).  Below it a
+#: Python ``autograd.Function`` and the tensor/NumPy glue (~100 us per
+#: forward+backward) cost more than fastbn's kernels save.  Measured on 2 cores,
+#: module forward + autograd backward through fastbn's path, against torch.nn
+#: (several runs; mid sizes swing with torch's and Numba's thread pools):
+#: BatchNorm1d (64, 256) 0.56-0.59x, (128, 512) 0.49-0.52x, (256, 512)
+#: 0.60-0.61x, (256, 1024) 0.74-0.96x, (512, 1024) 1.03-1.56x; BatchNorm2d
+#: (32, 64, 8, 8) 0.77-0.81x, (32, 64, 16, 16) 1.19-1.76x.  PyTorch's kernels
+#: plus the guard: 0.78-0.84x at the small ones.  Under ``torch.compile``
+#: fastbn's custom op runs at every size.
+#: ``FASTBN_TORCH_BELOW`` overrides it; 0 sends every input to fastbn.
+TORCH_BELOW: int = _torch_below_from_env()
 _DOUBLE_BACKWARD = ("fastbn's batch norm does not support double backward (gradients of "
                     "gradients); use torch.nn.BatchNorm2d (or 1d/3d) for that model")
 
@@ -209,6 +237,15 @@ def _batch_norm(x, weight, bias, eps):
 # ---------------------------------------------------------------------------
 
 
+def _warn_nonfinite(stacklevel: int) -> None:
+    """Once per process: a training batch's statistics were not finite."""
+    if not _FastBatchNormMixin._warned_nonfinite:
+        _FastBatchNormMixin._warned_nonfinite = True
+        warnings.warn("fastbn: a training batch had non-finite statistics (NaN or Inf); "
+                      "running statistics were left unchanged (torch.nn would have made "
+                      "them NaN)", RuntimeWarning, stacklevel=stacklevel)
+
+
 class _FastBatchNormMixin:
     """The forward shared by the three modules (``self`` is a torch.nn.BatchNorm*d)."""
 
@@ -219,6 +256,8 @@ class _FastBatchNormMixin:
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < TORCH_BELOW and not torch.compiler.is_compiling():
+            return self._small_forward(x)  # first: every microsecond counts there
         self._check_input_dim(x)
         layout = _fastbn_layout(x)
         if layout is None or (self.weight is not None and self.weight.dtype != x.dtype):
@@ -232,6 +271,26 @@ class _FastBatchNormMixin:
         y, stats = _batch_norm(x, self.weight, self.bias, float(self.eps))
         if self.training and self.track_running_stats:
             self._update_running_stats(stats, x.numel() // x.shape[1])
+        return y
+
+    def _small_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's own forward, for inputs too small for the glue to pay; a training
+        batch that leaves the running statistics non-finite is undone (fastbn's one
+        deliberate difference holds at every size)."""
+        if not (self.training and self.track_running_stats and self.running_mean is not None
+                and self.running_mean.device.type == "cpu"):
+            return super().forward(x)
+        # NumPy views of the buffers: a copy and a check cost ~5 us, torch ops ~30.
+        buffers = [(b.detach() if b.requires_grad else b).numpy()
+                   for b in (self.running_mean, self.running_var, self.num_batches_tracked)]
+        saved = [b.copy() for b in buffers]
+        y = super().forward(x)
+        mean, var = buffers[0], buffers[1]
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()) \
+                and np.isfinite(saved[0]).all() and np.isfinite(saved[1]).all():
+            for buffer, before in zip(buffers, saved, strict=True):
+                buffer[...] = before
+            _warn_nonfinite(stacklevel=6)  # the line that called the module
         return y
 
     def _inference(self, x, layout):
@@ -252,11 +311,7 @@ class _FastBatchNormMixin:
         mean, var = stats[0], stats[1]
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if not torch.compiler.is_compiling() and not bool(finite):
-            if not _FastBatchNormMixin._warned_nonfinite:
-                _FastBatchNormMixin._warned_nonfinite = True
-                warnings.warn("fastbn: a training batch had non-finite statistics (NaN or "
-                              "Inf); running statistics were left unchanged (torch.nn would "
-                              "have made them NaN)", RuntimeWarning, stacklevel=3)
+            _warn_nonfinite(stacklevel=7)  # the line that called the module
         self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
         if self.momentum is None:  # cumulative moving average
             factor = 1.0 / self.num_batches_tracked.double().clamp(min=1)
@@ -284,11 +339,7 @@ class _FastBatchNormMixin:
                                       self.running_mean.detach().numpy(),
                                       self.running_var.detach().numpy())
         if status == BAD_BATCH_STATS:
-            if not _FastBatchNormMixin._warned_nonfinite:
-                _FastBatchNormMixin._warned_nonfinite = True
-                warnings.warn("fastbn: a training batch had non-finite statistics (NaN or "
-                              "Inf); running statistics were left unchanged (torch.nn would "
-                              "have made them NaN)", RuntimeWarning, stacklevel=4)
+            _warn_nonfinite(stacklevel=8)  # the line that called the module
             return True
         if status != 0:  # overflow of the buffers' dtype: let the torch path decide
             return False

@@ -18,6 +18,13 @@ MODULES = [(torch.nn.BatchNorm1d, fbt.BatchNorm1d, (16, 6)),
            (torch.nn.BatchNorm3d, fbt.BatchNorm3d, (3, 6, 2, 3, 4))]
 
 
+@pytest.fixture(autouse=True)
+def _fastbn_at_every_size(monkeypatch):
+    """These tests are about fastbn's path: send every input to it (by default inputs
+    below fbt.TORCH_BELOW run PyTorch's own kernels; the tests at the end cover that)."""
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 0)
+
+
 def _assert_close(a, b, tol):
     a, b = a.detach(), b.detach()
     scale = max(float(b.abs().max()), 1.0) if b.numel() else 1.0
@@ -194,3 +201,105 @@ def test_import_fastbn_does_not_import_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------
+# Small eager inputs: PyTorch's own kernels, fastbn's guard of the running stats
+# ---------------------------------------------------------------------------
+
+
+def _fastbn_must_not_run(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("fastbn's kernels ran for a small input")
+
+    monkeypatch.setattr(fbt._fn, "batch_norm_forward", fail)
+    monkeypatch.setattr(fbt._fn, "batch_norm_inference", fail)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_small_inputs_run_torch_kernels_bitwise(monkeypatch, momentum):
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 10_000)
+    _fastbn_must_not_run(monkeypatch)
+    torch.manual_seed(0)
+    ref, fast = torch.nn.BatchNorm1d(6, momentum=momentum), fbt.BatchNorm1d(6, momentum=momentum)
+    for step in range(3):
+        x = (torch.randn(16, 6) * 3 + step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        dy = torch.randn(16, 6)
+        y_ref = ref(x)
+        y_ref.backward(dy)
+        y = fast(x2)
+        y.backward(dy)
+        assert torch.equal(y, y_ref)
+        assert torch.equal(x2.grad, x.grad)
+        assert torch.equal(fast.weight.grad, ref.weight.grad)
+        assert torch.equal(fast.bias.grad, ref.bias.grad)
+    assert torch.equal(fast.running_mean, ref.running_mean)
+    assert torch.equal(fast.running_var, ref.running_var)
+    assert int(fast.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    fast.eval(), ref.eval()
+    x = torch.randn(16, 6)
+    assert torch.equal(fast(x), ref(x))
+
+
+def test_threshold_splits_torch_and_fastbn(monkeypatch):
+    calls = []
+    original = fbt._fn.batch_norm_forward
+    monkeypatch.setattr(fbt._fn, "batch_norm_forward",
+                        lambda *a, **k: calls.append(a[0].size) or original(*a, **k))
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 100)
+    module = fbt.BatchNorm1d(4)
+    module(torch.randn(24, 4))   # 96 elements: torch
+    module(torch.randn(25, 4))   # 100 elements: fastbn
+    assert calls == [100]
+
+
+def test_small_nonfinite_batch_leaves_running_stats_and_warns(monkeypatch):
+    """The deliberate difference holds on the small-input (torch) path too."""
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 10_000)
+    _fastbn_must_not_run(monkeypatch)
+    for momentum in (0.1, None):
+        module = fbt.BatchNorm1d(3, momentum=momentum)
+        module(torch.randn(8, 3))
+        before = (module.running_mean.clone(), module.running_var.clone(),
+                  int(module.num_batches_tracked))
+        x = torch.randn(8, 3)
+        x[2, 1] = float("inf")
+        fbt._FastBatchNormMixin._warned_nonfinite = False
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            y = module(x)
+        assert torch.isnan(y[:, 1]).all()
+        assert torch.equal(module.running_mean, before[0])
+        assert torch.equal(module.running_var, before[1])
+        assert int(module.num_batches_tracked) == before[2]
+        # a finite batch afterwards updates as torch.nn would
+        ref = torch.nn.BatchNorm1d(3, momentum=momentum)
+        ref.load_state_dict(module.state_dict())
+        x = torch.randn(8, 3)
+        module(x), ref(x)
+        assert torch.equal(module.running_mean, ref.running_mean)
+        assert int(module.num_batches_tracked) == int(ref.num_batches_tracked)
+
+
+def test_small_path_leaves_already_nonfinite_stats_to_torch(monkeypatch):
+    """Running stats that were NaN before (a loaded state) are not 'restored' each step."""
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 10_000)
+    module, ref = fbt.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for m in (module, ref):
+        m.running_mean[0] = float("nan")
+    x = torch.randn(8, 3)
+    module(x), ref(x)
+    assert int(module.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+    assert torch.equal(module.running_var, ref.running_var)
+
+
+def test_torch_below_from_environment(monkeypatch):
+    monkeypatch.setenv("FASTBN_TORCH_BELOW", "4096")
+    assert fbt._torch_below_from_env() == 4096
+    monkeypatch.setenv("FASTBN_TORCH_BELOW", "-3")
+    assert fbt._torch_below_from_env() == 0
+    monkeypatch.setenv("FASTBN_TORCH_BELOW", "many")
+    with pytest.warns(RuntimeWarning, match="FASTBN_TORCH_BELOW"):
+        assert fbt._torch_below_from_env() == 1 << 18
+    monkeypatch.delenv("FASTBN_TORCH_BELOW")
+    assert fbt._torch_below_from_env() == 1 << 18
