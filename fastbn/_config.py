@@ -10,6 +10,7 @@ import ctypes
 import os
 import sys
 import threading
+import warnings
 
 import numba
 
@@ -21,6 +22,18 @@ except ImportError:  # pragma: no cover - Windows
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_count(name: str, default: int) -> int:
+    """A non-negative integer setting from the environment (an element count);
+    ``default`` when unset or blank, and with a warning when not an integer."""
+    text = os.environ.get(name, "").strip()
+    try:
+        return max(0, int(text)) if text else default
+    except ValueError:
+        warnings.warn(f"{name}={text!r} is not an integer; using {default}",
+                      RuntimeWarning, stacklevel=3)
+        return default
 
 
 #: ``FASTBN_SLOW_FALLBACK=1`` compiles every kernel without ``parallel`` and

@@ -27,23 +27,12 @@ import warnings
 from . import _config
 from .kernels import PARALLEL, SERIAL
 
-
-def _small_problem_from_env() -> int:
-    text = os.environ.get("FASTBN_SERIAL_BELOW", "").strip()
-    try:
-        return max(0, int(text)) if text else 1 << 16
-    except ValueError:
-        warnings.warn(f"FASTBN_SERIAL_BELOW={text!r} is not an integer; using 65536",
-                      RuntimeWarning, stacklevel=2)
-        return 1 << 16
-
-
 #: Below this many elements a kernel runs serially on the calling thread.
 #: 65536 is where the parallel variant starts to win on 2 cores here (rows
 #: (128, 512): serial 28 us, parallel 31 us per forward; (256, 512): 50 vs 39).
 #: ``FASTBN_SERIAL_BELOW`` overrides it (0 disables the serial path: the perf
 #: gate uses that to show its small-call case going red).
-SMALL_PROBLEM: int = _small_problem_from_env()
+SMALL_PROBLEM: int = _config.env_count("FASTBN_SERIAL_BELOW", 1 << 16)
 
 __all__ = ["SMALL_PROBLEM", "launch", "forked_serial_only"]
 

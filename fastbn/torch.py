@@ -33,13 +33,13 @@ untouched and warns once, instead of poisoning them for good (PyTorch issue
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _config
 from . import functional as _fn
 from .functional import BatchNormContext
 
@@ -47,16 +47,6 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "conver
            "TorchDistributedCommunicator", "TORCH_BELOW"]
 
 _FLOATS = (torch.float32, torch.float64)
-
-
-def _torch_below_from_env() -> int:
-    text = os.environ.get("FASTBN_TORCH_BELOW", "").strip()
-    try:
-        return max(0, int(text)) if text else 1 << 18
-    except ValueError:
-        warnings.warn(f"FASTBN_TORCH_BELOW={text!r} is not an integer; using 262144",
-                      RuntimeWarning, stacklevel=2)
-        return 1 << 18
 
 
 #: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
@@ -71,7 +61,7 @@ def _torch_below_from_env() -> int:
 #: plus the guard: 0.78-0.84x at the small ones.  Under ``torch.compile``
 #: fastbn's custom op runs at every size.
 #: ``FASTBN_TORCH_BELOW`` overrides it; 0 sends every input to fastbn.
-TORCH_BELOW: int = _torch_below_from_env()
+TORCH_BELOW: int = _config.env_count("FASTBN_TORCH_BELOW", 1 << 18)
 _DOUBLE_BACKWARD = ("fastbn's batch norm does not support double backward (gradients of "
                     "gradients); use torch.nn.BatchNorm2d (or 1d/3d) for that model")
 

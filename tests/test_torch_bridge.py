@@ -295,11 +295,11 @@ def test_small_path_leaves_already_nonfinite_stats_to_torch(monkeypatch):
 
 def test_torch_below_from_environment(monkeypatch):
     monkeypatch.setenv("FASTBN_TORCH_BELOW", "4096")
-    assert fbt._torch_below_from_env() == 4096
+    assert fbt._config.env_count("FASTBN_TORCH_BELOW", 1 << 18) == 4096
     monkeypatch.setenv("FASTBN_TORCH_BELOW", "-3")
-    assert fbt._torch_below_from_env() == 0
+    assert fbt._config.env_count("FASTBN_TORCH_BELOW", 1 << 18) == 0
     monkeypatch.setenv("FASTBN_TORCH_BELOW", "many")
     with pytest.warns(RuntimeWarning, match="FASTBN_TORCH_BELOW"):
-        assert fbt._torch_below_from_env() == 1 << 18
+        assert fbt._config.env_count("FASTBN_TORCH_BELOW", 1 << 18) == 1 << 18
     monkeypatch.delenv("FASTBN_TORCH_BELOW")
-    assert fbt._torch_below_from_env() == 1 << 18
+    assert fbt._config.env_count("FASTBN_TORCH_BELOW", 1 << 18) == 1 << 18
