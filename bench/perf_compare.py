@@ -62,7 +62,11 @@ COMPARE_CASES: dict[str, tuple[Case, str]] = case_grid([
 
 
 class WorkerError(RuntimeError):
-    pass
+    """A worker failed; ``worker`` names which one ("base" or "head")."""
+
+    def __init__(self, message: str, worker: str | None = None):
+        super().__init__(message)
+        self.worker = worker
 
 
 class Worker:
@@ -90,10 +94,11 @@ class Worker:
             if not line:
                 err = self.proc.stderr.read() if self.proc.stderr else ""
                 raise WorkerError(f"{self.name} worker exited (code {self.proc.wait()}): "
-                                  f"{err.strip()[-1500:]}")
+                                  f"{err.strip()[-1500:]}", self.name)
             if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
-        raise WorkerError(f"{self.name} worker did not answer in {self.timeout:.0f} s")
+        raise WorkerError(f"{self.name} worker did not answer in {self.timeout:.0f} s",
+                          self.name)
 
     def request(self, **msg) -> dict:
         assert self.proc.stdin is not None
@@ -101,7 +106,7 @@ class Worker:
         self.proc.stdin.flush()
         reply = self._read()
         if "error" in reply:
-            raise WorkerError(f"{self.name}: {reply['error']}")
+            raise WorkerError(f"{self.name}: {reply['error']}", self.name)
         return reply
 
     def close(self) -> None:
@@ -196,12 +201,13 @@ def _pairs(base: Worker, head: Worker, pairs: int, number: int, max_slowdown: fl
     return j
 
 
-def _start_head(head_root: Path, head_env: dict | None) -> Worker:
-    head = Worker("head", head_root, env_extra=head_env)
-    if "error" in head.hello:
-        head.close()
-        raise WorkerError(f"head: {head.hello['error']}")
-    return head
+def _start(name: str, root: Path, env: dict | None) -> Worker:
+    """A worker whose fastbn imported; WorkerError (naming it) otherwise."""
+    worker = Worker(name, root, env_extra=env)
+    if "error" in worker.hello:
+        worker.close()
+        raise WorkerError(f"{name}: {worker.hello['error']}", name)
+    return worker
 
 
 def _setup(base: Worker, head: Worker, case: Case, op: str, target_s: float,
@@ -229,24 +235,14 @@ def compare(base_root: Path, head_root: Path, case_ids: list[str], pairs: int,
     not in the next, so re-measuring in the same two processes only re-confirms
     that placement.  A real regression is slower in every pair of processes.
     """
-    def start_base() -> Worker | None:
-        try:
-            worker = Worker("base", base_root, env_extra=base_env)
-        except WorkerError as exc:
-            log(f"perf-compare: no base to compare ({exc})")
-            return None
-        if "error" in worker.hello:
-            worker.close()
-            log(f"perf-compare: no base to compare ({worker.hello['error']})")
-            return None
-        return worker
-
-    base = start_base()
-    if base is None:
+    try:
+        base = _start("base", base_root, base_env)
+    except WorkerError as exc:
+        log(f"perf-compare: no base to compare ({exc})")
         return None
     head = None
     try:
-        head = _start_head(head_root, head_env)
+        head = _start("head", head_root, head_env)
         log(f"perf-compare: base fastbn {base.hello['version']} from {base.hello['file']}")
         log(f"perf-compare: head fastbn {head.hello['version']} from {head.hello['file']}")
         results = {}
@@ -255,7 +251,7 @@ def compare(base_root: Path, head_root: Path, case_ids: list[str], pairs: int,
             try:
                 number = _setup(base, head, case, op, target_s)
             except WorkerError as exc:
-                if not str(exc).startswith("base"):
+                if exc.worker != "base":
                     raise
                 log(f"  {case_id}: base cannot run it ({exc}); skipped")
                 results[case_id] = {"skipped": str(exc)}
@@ -272,10 +268,8 @@ def compare(base_root: Path, head_root: Path, case_ids: list[str], pairs: int,
                 base.close()
                 head.close()
                 head = None
-                base = start_base()
-                if base is None:
-                    raise WorkerError("base: the base worker did not restart")
-                head = _start_head(head_root, head_env)
+                base = _start("base", base_root, base_env)
+                head = _start("head", head_root, head_env)
                 _setup(base, head, case, op, target_s, number)
                 again = _pairs(base, head, pairs, number, max_slowdown)
                 again["earlier"] = j.get("earlier", []) + [

@@ -32,7 +32,7 @@ def env_count(name: str, default: int) -> int:
         return max(0, int(text)) if text else default
     except ValueError:
         warnings.warn(f"{name}={text!r} is not an integer; using {default}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=2)  # the line that reads the setting
         return default
 
 

@@ -275,9 +275,9 @@ class _FastBatchNormMixin:
                    for b in (self.running_mean, self.running_var, self.num_batches_tracked)]
         saved = [b.copy() for b in buffers]
         y = super().forward(x)
-        mean, var = buffers[0], buffers[1]
+        (mean, var, _), (mean_before, var_before, _) = buffers, saved
         if not (np.isfinite(mean).all() and np.isfinite(var).all()) \
-                and np.isfinite(saved[0]).all() and np.isfinite(saved[1]).all():
+                and np.isfinite(mean_before).all() and np.isfinite(var_before).all():
             for buffer, before in zip(buffers, saved, strict=True):
                 buffer[...] = before
             _warn_nonfinite(stacklevel=6)  # the line that called the module
