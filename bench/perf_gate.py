@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the gate cases and exit")
     p.add_argument("--calibrate", type=int, metavar="N",
                    help="measure N times and print thresholds at "
-                        f"{THRESHOLD_FRACTION:.0%} of the lowest ratio")
+                        f"{100 * THRESHOLD_FRACTION:.0f}%% of the lowest ratio")
     p.add_argument("--write-thresholds", action="store_true",
                    help="with --calibrate: write them to --thresholds")
     args = p.parse_args(argv)

@@ -146,3 +146,16 @@ def test_threading_layers_runs_each_layer_in_its_own_process(tmp_path):
     assert "no-such-layer skipped" in out
     assert "round 1/1 workqueue" in out and "round 1/1 tbb" in out
     assert "| (4, 8) float32 | forward |" in md.read_text()
+
+
+@pytest.mark.parametrize("module", ["cli", "perf_gate", "perf_compare", "threading_layers",
+                                    "cold_start", "bandwidth"])
+def test_bench_help_texts_render(module, capsys):
+    """--help formats every help string (a bare '%' in one made perf_gate's crash)."""
+    import importlib
+
+    main = importlib.import_module(f"bench.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
