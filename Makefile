@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install test lint bench clean demo bench-mpi
+.PHONY: install test lint bench clean demo bench-mpi docs docs-serve bench-publish
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,21 @@ $(MPI_STAMP): $(STAMP) pyproject.toml
 bench-mpi: $(MPI_STAMP)
 	for n in 1 2 3; do $(BIN)/mpiexec -n $$n $(BIN)/python -m bench.mpi_bench || exit 1; done
 
+# The documentation site (MkDocs + Material, API reference by mkdocstrings):
+# `make docs` builds it into site/ with --strict (a broken link, a missing page
+# or a docstring cross-reference that does not resolve fails the build);
+# `make docs-serve` serves it on http://127.0.0.1:8000 with live reload.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,docs]'
+	touch $@
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis .benchmarks
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 # --- benchmarks and the performance gate (bench/) ---------------------------
@@ -61,9 +74,19 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	  || echo "bench: $(BENCH_TORCH) unavailable; the PyTorch peer will be skipped",)
 	touch $@
 
+# A full-grid `make bench` (no BENCH_ARGS) also publishes its run: it rewrites
+# bench/results/published.{json,md,png} (the Performance page and README's chart)
+# and README's headline table; commit them. `make bench-publish JSON=...`
+# publishes any saved run without re-running anything.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.cli $(BENCH_ARGS)
+	$(if $(BENCH_ARGS),@echo "bench: BENCH_ARGS given: published results left as they are (make bench-publish)",\
+	  $(BIN)/python -m bench.report --publish bench/results/latest.json)
 	-$(BIN)/python -m bench.torch_bench  # fastbn.torch vs torch.nn (skipped without torch)
+
+JSON ?= bench/results/latest.json
+bench-publish: $(BENCH_STAMP)
+	$(BIN)/python -m bench.report --publish $(JSON)
 
 perf-gate: $(STAMP)
 	$(BIN)/python -m bench.perf_gate

@@ -463,13 +463,23 @@ class BatchNorm:
         b : float array (num_features,) or None
             None means no bias (zero).
 
-        The result is computed in float64 and returned in ``W``'s dtype
-        (float32 or float64).  The linear output's last axis must be this
-        layer's channel axis.  Raises RuntimeError in training mode (the
-        layer then normalizes with batch statistics, which no fixed affine map
-        reproduces) or without running statistics, and ValueError when
-        ``relu=True`` (a ReLU is not affine: fold into a ``relu=False`` layer
-        and apply ``max(., 0)`` after the folded linear layer).
+        Returns
+        -------
+        W2, b2 : ndarray
+            Computed in float64 and returned in ``W``'s dtype (float32 or
+            float64).  The linear output's last axis must be this layer's
+            channel axis.
+
+        Raises
+        ------
+        RuntimeError
+            In training mode (the layer then normalizes with batch
+            statistics, which no fixed affine map reproduces) or without
+            running statistics.
+        ValueError
+            When ``relu=True`` (a ReLU is not affine: fold into a
+            ``relu=False`` layer and apply ``max(., 0)`` after the folded
+            linear layer).
         """
         if self.training:
             raise RuntimeError("fold_into_linear needs eval mode (call .eval() first): in "
