@@ -317,8 +317,10 @@ def published_markdown(result: dict) -> str:
               + (f" fastbn commit `{meta['git_commit'][:10]}`"
                  + (" (with local changes)" if meta.get("git_dirty") else "") + "."
                  if meta.get("git_commit") else "")]
+    args = meta.get("command", "").split()[1:]
+    header.append(f"Command: `make bench` (`{' '.join(['python -m bench.cli', *args])}`).")
     parts = ["<!-- Written by `python -m bench.report --publish`; do not edit by hand. -->",
-             " ".join(header),
+             "<!-- --8<-- [start:run] -->", " ".join(header), "<!-- --8<-- [end:run] -->",
              "<!-- --8<-- [start:headline] -->", headline_markdown(result),
              "<!-- --8<-- [end:headline] -->",
              "<!-- --8<-- [start:tables] -->",
