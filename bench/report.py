@@ -229,8 +229,8 @@ def write_chart(result: dict, path: str | Path) -> Path | None:
              and any(p in c["speedup"]["fwdbwd"] for c in cases)]
     n_peers = max(1, len(peers))
     dtypes = sorted({c["case"]["dtype"] for c in cases})
-    fig_h = 1.7 + 0.16 * n_peers * max(1, len(cases)) + 0.2 * len(cases)
-    fig, ax = plt.subplots(figsize=(9.5, fig_h), constrained_layout=True)
+    fig_h = 1.6 + 0.16 * n_peers * max(1, len(cases)) + 0.2 * len(cases)
+    fig, ax = plt.subplots(figsize=(8.5, fig_h), constrained_layout=True)
     group = 0.82
     height = group / n_peers
     ys = np.arange(len(cases))[::-1]  # first case on top
@@ -244,7 +244,7 @@ def write_chart(result: dict, path: str | Path) -> Path | None:
         for y, v in zip(pos, vals, strict=True):
             if np.isfinite(v):
                 ax.annotate(f"{v:.1f}x", (v, y), xytext=(3, 0), textcoords="offset points",
-                            va="center", fontsize=7.5)
+                            va="center", fontsize=8.5)
                 top = max(top, v)
     ax.set_xscale("log")
     ax.set_xlim(0.8, top * 1.6)
@@ -255,19 +255,20 @@ def write_chart(result: dict, path: str | Path) -> Path | None:
     ax.axvline(1.0, color="k", lw=1)
     ax.grid(axis="x", color="0.85", lw=0.6)
     ax.set_axisbelow(True)
-    ax.set_yticks(ys, [_case_name(c, dtype=len(dtypes) > 1) for c in cases], fontsize=10)
+    ax.set_yticks(ys, [_case_name(c, dtype=len(dtypes) > 1) for c in cases], fontsize=11)
     ax.set_ylim(ys[-1] - 0.5, ys[0] + 0.5)
-    ax.tick_params(axis="x", labelsize=9)
-    ax.set_xlabel("fastbn's speed-up: peer's time / fastbn's time (log scale; right of 1x: "
-                  "fastbn is faster)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=10)
+    ax.set_xlabel("peer's time / fastbn's time (log scale; right of 1x: fastbn is faster)",
+                  fontsize=10)
     what = dtypes[0] + " " if len(dtypes) == 1 else ""
     ax.set_title(f"Batch norm {what}forward + backward: fastbn's speed-up over each peer",
-                 fontsize=11, loc="left", pad=24)
-    ax.legend(fontsize=8.5, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(peers),
+                 fontsize=12, loc="left", pad=26)
+    ax.legend(fontsize=9.5, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(peers),
               frameon=False, borderaxespad=0.1, handlelength=1.2, columnspacing=1.2)
-    fig.text(0.01, 0.0, f"make bench, {_run_line(result)}; median of interleaved samples. "
-             f"{_versions_line(result)}", fontsize=7.5, color="0.3", ha="left", va="bottom")
-    fig.get_layout_engine().set(h_pad=0.25)
+    # supxlabel, not fig.text: constrained layout keeps room for it below the axis label
+    fig.supxlabel(f"make bench, {_run_line(result)}; medians of interleaved samples.\n"
+                  f"{_versions_line(result)}", fontsize=8.5, color="0.3", x=0.01, ha="left",
+                  multialignment="left")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -94,3 +94,20 @@ def test_api_reference_lists_every_public_name(module, page):
     for name in names:
         documented = re.search(rf"(^::: fastbn(\.\w+)*\.{name}$)|(^\s+- {name}$)", text, re.M)
         assert documented, f"docs/api/{page}.md does not document {name}"
+
+
+def test_chart_replots_from_saved_results(tmp_path):
+    """`python -m bench.report --replot` draws the chart of any saved run (no re-run)."""
+    pytest.importorskip("matplotlib")
+    report = pytest.importorskip("bench.report")
+    result = json.loads((ROOT / "bench/results/published.json").read_text())
+    assert report.main(["--replot", str(ROOT / "bench/results/published.json"),
+                        str(tmp_path / "chart.png")]) == 0
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = [c["case"]["id"] for c in report.headline_cases(result)]
+    assert shown == [i for i in report.HEADLINE_CASES if i in shown] and len(shown) >= 3
+    # a run without the headline shapes (e.g. --shapes) still gets a chart of its own cases
+    result["cases"] = [c for c in result["cases"] if c["case"]["id"] not in report.HEADLINE_CASES]
+    fallback = report.headline_cases(result)
+    assert fallback and len({c["case"]["dtype"] for c in fallback}) == 1
+    assert report.write_chart(result, tmp_path / "other.png") is not None
