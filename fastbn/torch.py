@@ -27,8 +27,8 @@ Semantics are PyTorch's (momentum and ``momentum=None``, ``num_batches_tracked``
 unbiased running variance, ``track_running_stats=False``, ``affine=False``, the
 batch-of-one error), with one deliberate difference: a training batch whose
 statistics are not finite (it holds NaN or Inf) leaves the running statistics
-untouched and warns once, instead of poisoning them for good (PyTorch issue
-#90342).  The output is still NaN there, as in PyTorch.
+untouched and warns once, instead of poisoning them for good
+(PyTorch issue #90342).  The output is still NaN there, as in PyTorch.
 """
 
 from __future__ import annotations
