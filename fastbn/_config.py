@@ -49,7 +49,13 @@ SLOW_FALLBACK: bool = _env_flag("FASTBN_SLOW_FALLBACK")
 #: compile).  The slow fallback never caches: Numba's cache index does not
 #: record the ``parallel``/``fastmath`` flags, so it would load (or poison)
 #: the fast code.
-CACHE_REQUESTED: bool = not (_env_flag("FASTBN_NO_CACHE") or SLOW_FALLBACK)
+#: ``FASTBN_SOFTWARE_F16=1`` converts float16 with exact integer code even where
+#: the CPU has F16C: the path CPUs without F16C take (see :data:`F16_HARDWARE`),
+#: forced so that it can be tested on any machine.  It never caches: Numba's
+#: cache index does not record the choice, so it would load the F16C code.
+SOFTWARE_F16: bool = _env_flag("FASTBN_SOFTWARE_F16")
+
+CACHE_REQUESTED: bool = not (_env_flag("FASTBN_NO_CACHE") or SLOW_FALLBACK or SOFTWARE_F16)
 
 _KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "drivers.py")
 
@@ -167,6 +173,36 @@ def _wrap_cache(cache) -> None:
 
 
 PARALLEL: bool = not SLOW_FALLBACK
+
+
+def _target_has_f16_instructions() -> bool:
+    """Whether the code Numba compiles may use hardware half <-> float conversions.
+
+    Numba compiles for ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set (an
+    empty feature list for ``generic``), else for the host; this reads the
+    same settings the same way.  On x86 the instructions are F16C's; AArch64
+    has them in the base ISA.  Anywhere else LLVM may lower the conversion to
+    a runtime-library call that Numba's JIT does not resolve (a crash at the
+    first call, not a compile error), so the integer code is used.
+    """
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        from numba.core.codegen import get_host_cpu_features
+
+        features = get_host_cpu_features()
+    return "+f16c" in str(features).split(",")
+
+
+#: True when float16 data is converted with the CPU's instructions (F16C);
+#: False on targets without them, or with ``FASTBN_SOFTWARE_F16=1``.
+F16_HARDWARE: bool = not SOFTWARE_F16 and _target_has_f16_instructions()
 
 #: Fastmath for *reductions over a contiguous plane* only.  A scalar
 #: accumulator (``acc += v``) vectorizes only when LLVM may reassociate the sum.

@@ -370,7 +370,7 @@ class SyncBatchNorm(BatchNorm):
             if self._affine:
                 self.grad_weight.fill(0)
                 self.grad_bias.fill(0)
-            return np.empty(ctx.shape, self._dtype)
+            return np.empty(ctx.shape, dy.dtype)
         dx, sum_dy, sum_dy_xc = sync_backward(dy, ctx, self.communicator)
         if self._affine:
             if isinstance(ctx, BatchNormContext):

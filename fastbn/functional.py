@@ -16,12 +16,21 @@ reduced)::
 
 Conventions shared by every function here:
 
-* ``x`` is float32 or float64 with at least 2 dimensions; outputs have the
-  dtype and shape of ``x`` and are C-contiguous.  A non-C-contiguous ``x``
-  (Fortran order, negative strides, a strided view) is copied once.
-* Statistics and parameter gradients are accumulated in float64; ``mean``,
-  ``var`` and ``inv_std`` are returned as float64, ``dgamma``/``dbeta`` in the
-  dtype of ``gamma``/``beta``.
+* ``x`` is float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``,
+  recognised without importing ml_dtypes) with at least 2 dimensions; outputs
+  have the dtype and shape of ``x`` and are C-contiguous.  A
+  non-C-contiguous ``x`` (Fortran order, negative strides, a strided view)
+  is copied once.
+* 16-bit data is storage only: every element is computed in float32 and
+  rounded once to the data's format; statistics and parameter gradients are
+  accumulated in float32 over short blocks folded into float64.  Parameters
+  and statistics passed in may be float32 or float64 (float32 is the usual
+  companion of 16-bit data, as PyTorch's "mixed type"); 16-bit ones are
+  widened to float32 (exactly), and their gradients come back rounded to them.
+* Statistics and parameter gradients are accumulated in float64 (float32
+  blocks for float32 and 16-bit data, folded into float64); ``mean``, ``var``
+  and ``inv_std`` are returned as float64, ``dgamma``/``dbeta`` in the dtype
+  of ``gamma``/``beta``.
 * ``gamma``/``beta`` may be None (no affine transform; the matching gradient
   is then None).
 * NaN or Inf in a channel of ``x`` makes that channel's statistics, output
@@ -54,9 +63,76 @@ __all__ = [
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
 _SUPPORTED = (_F32, _F64)
 _NO_PARAMETER = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}  # "None" for a kernel
 _MEAN, _VAR, _INV_STD, _WEIGHT, _BIAS = range(N_STATS)
+
+# 16-bit data reaches the kernels as zero-copy integer views (kernels/storage.py):
+# the kernel dtype names the format, so views never lose what they hold.
+_F16_BITS = np.dtype(np.uint16)
+_BF16_BITS = np.dtype(np.int16)
+#: ``ml_dtypes.bfloat16``, recorded the first time an array of it comes in (fastbn
+#: never imports ml_dtypes: whoever passes bfloat16 data has it).
+_bfloat16: np.dtype | None = None
+_FORMAT_NAMES = {_F32: "float32", _F64: "float64", _F16_BITS: "float16", _BF16_BITS: "bfloat16"}
+_SIXTEEN_BIT = (_F16_BITS, _BF16_BITS)
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def _kernel_dtype(dtype: np.dtype) -> np.dtype | None:
+    """The dtype the kernels see for data of ``dtype`` (None: not a data dtype)."""
+    if dtype is _F32 or dtype is _F64:
+        return dtype
+    if dtype == _F16:
+        return _F16_BITS
+    if _is_bfloat16(dtype):
+        return _BF16_BITS
+    if dtype in _SUPPORTED:
+        return dtype.newbyteorder("=")
+    return None
+
+
+def _kernel_view(a: np.ndarray) -> np.ndarray:
+    """``a`` as the kernels see it: 16-bit floats as their integer bits (no copy)."""
+    global _bfloat16
+    dtype = a.dtype
+    if dtype is _F32 or dtype is _F64:
+        return a
+    if dtype == _F16:
+        return a.view(_F16_BITS)
+    if _is_bfloat16(dtype):
+        _bfloat16 = dtype
+        return a.view(_BF16_BITS)
+    return a
+
+
+def _public_dtype(kernel_dtype: np.dtype) -> np.dtype:
+    """The data dtype users see for arrays the kernels see as ``kernel_dtype``."""
+    if kernel_dtype is _F16_BITS or kernel_dtype == _F16_BITS:
+        return _F16
+    if kernel_dtype == _BF16_BITS:
+        return _bfloat16 if _bfloat16 is not None else kernel_dtype
+    return kernel_dtype
+
+
+def _public(a: np.ndarray, out=None) -> np.ndarray:
+    """A kernel-view output as the user's dtype (no copy): ``out`` itself when given."""
+    if out is not None:
+        return out
+    dtype = a.dtype
+    if dtype is _F32 or dtype is _F64:
+        return a
+    public = _public_dtype(dtype)
+    return a if public is dtype else a.view(public)
+
+
+def _compute_dtype(kernel_dtype: np.dtype) -> np.dtype:
+    """Per-channel arrays the kernels take uncopied for this data: float32 for 16-bit."""
+    return _F64 if kernel_dtype is _F64 or kernel_dtype == _F64 else _F32
 
 
 class BatchNormContext:
@@ -113,7 +189,8 @@ class BatchNormContext:
 
     @property
     def dtype(self) -> np.dtype:
-        return self._x_view.dtype
+        """dtype of x (float16/bfloat16 data is held as its integer bits)."""
+        return _public_dtype(self._x_view.dtype)
 
     def __repr__(self) -> str:
         kind = "training" if self._batch_stats else "inference"
@@ -132,9 +209,16 @@ def _check_float_dtype(dtype: np.dtype, name: str) -> None:
     """Accept float32/float64 in either byte order (callers convert to native)."""
     if dtype.newbyteorder("=") in _SUPPORTED:
         return
-    if dtype.kind == "f" and dtype.itemsize == 2:
-        raise TypeError(f"{name} has dtype float16, which fastbn does not support; cast to float32")
     raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+
+
+def _check_data_dtype(dtype: np.dtype, name: str) -> None:
+    """Data may also be 16-bit: float16 (either byte order) or bfloat16."""
+    if dtype.kind == "f" and dtype.newbyteorder("=") in (_F32, _F64, _F16):
+        return
+    if _is_bfloat16(dtype):
+        return
+    raise TypeError(f"{name} must have dtype float32, float64, float16 or bfloat16, got {dtype}")
 
 
 class _ReadOnlyAlias:
@@ -156,12 +240,14 @@ class _ReadOnlyAlias:
 
 
 def _as_data(x, name: str) -> np.ndarray:
-    """Validate a data array (x or dy); return a native-endian, C-contiguous ndarray.
+    """Validate a data array (x or dy); return it as the kernels see it.
 
-    Array subclasses are viewed as plain ndarrays (outputs are plain ndarrays),
-    except masked arrays, whose mask batch norm cannot honour.  A read-only
-    array comes back as a writeable alias of the same memory (see
-    :class:`_ReadOnlyAlias`); fastbn never writes to its inputs.
+    That is a native-endian, C-contiguous ndarray, 16-bit floats viewed as
+    their integer bits (:func:`_kernel_view`).  Array subclasses are viewed as
+    plain ndarrays (outputs are plain ndarrays), except masked arrays, whose
+    mask batch norm cannot honour.  A read-only array comes back as a
+    writeable alias of the same memory (see :class:`_ReadOnlyAlias`); fastbn
+    never writes to its inputs.
     """
     if type(x) is np.ndarray:
         dtype = x.dtype
@@ -176,7 +262,7 @@ def _as_data(x, name: str) -> np.ndarray:
                         f"{name}.filled(...) or the unmasked values")
     else:
         x = np.asarray(x)
-    _check_float_dtype(x.dtype, name)
+    _check_data_dtype(x.dtype, name)
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (batch and channel), got shape {x.shape}"
@@ -184,9 +270,10 @@ def _as_data(x, name: str) -> np.ndarray:
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); batch norm needs at least one value")
     if not x.dtype.isnative:
-        return x.astype(x.dtype.newbyteorder("="), order="C")
+        return _kernel_view(x.astype(x.dtype.newbyteorder("="), order="C"))
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
+    x = _kernel_view(x)
     if not x.flags.writeable:
         x = np.asarray(_ReadOnlyAlias(x))
     return x
@@ -216,20 +303,35 @@ def _check_eps(eps) -> float:
 
 
 def _channel_array(values, name: str, n_channels: int):
-    """A per-channel array as given (validated), or None when it is None."""
+    """A per-channel array as given (validated), or None when it is None.
+
+    float32 and float64 are taken as they are; float16 and bfloat16 (parameters
+    or statistics kept in 16 bits) are widened to float32, which holds them exactly.
+    """
     if values is None:
         return None
     if type(values) is not np.ndarray:
         values = np.asarray(values)
     dtype = values.dtype
     if not (dtype is _F32 or dtype is _F64):
-        _check_float_dtype(dtype, name)
+        if dtype == _F16 or _is_bfloat16(dtype):
+            values = values.astype(_F32)
+        else:
+            _check_float_dtype(dtype, name)
     if values.shape != (n_channels,):
         raise ValueError(
             f"{name} must have shape ({n_channels},) to match the {n_channels} channels of x, "
             f"got shape {values.shape}"
         )
     return values
+
+
+def _given_dtype(values) -> np.dtype | None:
+    """The dtype of a per-channel argument as the caller gave it (gradients come back
+    in it), before any widening; None for None."""
+    if values is None:
+        return None
+    return values.dtype if isinstance(values, np.ndarray) else np.asarray(values).dtype
 
 
 def _kernel_arrays(like: np.dtype, *arrays):
@@ -259,23 +361,28 @@ def _is_kernel_ready(a, like: np.dtype, n_channels: int) -> bool:
 
 
 def _parameters(gamma, beta, n_channels: int, like: np.dtype):
-    """(weight, bias) for the kernels and the (gamma, beta) dtypes (None when absent)."""
+    """(weight, bias) for the kernels and the (gamma, beta) dtypes (None when absent).
+
+    ``like`` is the compute dtype (:func:`_compute_dtype`): parameters already
+    in it are passed uncopied.
+    """
     if _is_kernel_ready(gamma, like, n_channels) and _is_kernel_ready(beta, like, n_channels):
         return gamma, beta, like, like
+    gamma_dtype, beta_dtype = _given_dtype(gamma), _given_dtype(beta)
     gamma = _channel_array(gamma, "gamma", n_channels)
     beta = _channel_array(beta, "beta", n_channels)
     weight, bias = _kernel_arrays(like, gamma, beta)
-    return (weight, bias, None if gamma is None else gamma.dtype,
-            None if beta is None else beta.dtype)
+    return weight, bias, gamma_dtype, beta_dtype
 
 
 def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.ndarray:
+    """A validated ``out=`` buffer for data of kernel dtype ``dtype``, as the kernels see it."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if _kernel_dtype(out.dtype) != dtype or not out.dtype.isnative:
+        raise TypeError(f"{name} must have dtype {_FORMAT_NAMES[dtype]}, got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
     if not out.flags.writeable:
@@ -283,7 +390,7 @@ def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.nda
     for array in inputs:
         if np.may_share_memory(out, array):
             raise ValueError(f"{name} overlaps an input array; pass a separate buffer")
-    return out
+    return _kernel_view(out)
 
 
 def _layout(x: np.ndarray, axis: int):
@@ -381,7 +488,8 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     axis = _normalize_axis(axis, x.ndim)
     n_channels = x.shape[axis]
     eps = _check_eps(eps)
-    weight, bias, gamma_dtype, beta_dtype = _parameters(gamma, beta, n_channels, x.dtype)
+    like = x.dtype if x.dtype is _F32 or x.dtype is _F64 else _compute_dtype(x.dtype)
+    weight, bias, gamma_dtype, beta_dtype = _parameters(gamma, beta, n_channels, like)
     count = x.size // n_channels
     if count < 2:
         _check_training_count(x, n_channels)
@@ -392,8 +500,8 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 
     relu = relu is True or bool(relu)
     launch("train_forward_rows" if rows else "train_forward_planes", x.size,
            view, weight, bias, eps, relu, y if view is x else y.reshape(view.shape), stats)
-    return y, BatchNormContext(view, x.shape, axis, stats, gamma_dtype, beta_dtype, relu, True,
-                               count)
+    return _public(y, out), BatchNormContext(view, x.shape, axis, stats, gamma_dtype, beta_dtype,
+                                        relu, True, count)
 
 
 def _normalize_with(x, mean, var, gamma, beta, eps, axis, relu, out, mean_name, var_name):
@@ -406,18 +514,17 @@ def _normalize_with(x, mean, var, gamma, beta, eps, axis, relu, out, mean_name, 
     if mean is None or var is None:
         raise TypeError(f"{mean_name if mean is None else var_name} must be an array of shape "
                         f"({n_channels},), got None")
-    like = x.dtype
+    like = x.dtype if x.dtype is _F32 or x.dtype is _F64 else _compute_dtype(x.dtype)
     if (_is_kernel_ready(mean, like, n_channels) and _is_kernel_ready(var, like, n_channels)
             and _is_kernel_ready(gamma, like, n_channels)
             and _is_kernel_ready(beta, like, n_channels)):
         weight, bias, gamma_dtype, beta_dtype = gamma, beta, like, like  # the fast path
     else:
+        gamma_dtype, beta_dtype = _given_dtype(gamma), _given_dtype(beta)
         mean = _channel_array(mean, mean_name, n_channels)
         var = _channel_array(var, var_name, n_channels)
         gamma = _channel_array(gamma, "gamma", n_channels)
         beta = _channel_array(beta, "beta", n_channels)
-        gamma_dtype = None if gamma is None else gamma.dtype
-        beta_dtype = None if beta is None else beta.dtype
         mean, var, weight, bias = _kernel_arrays(like, mean, var, gamma, beta)
     y = (np.empty(x.shape, x.dtype) if out is None
          else _check_out(out, "out", x.shape, x.dtype, x, x_given))
@@ -428,7 +535,7 @@ def _normalize_with(x, mean, var, gamma, beta, eps, axis, relu, out, mean_name, 
                     view, mean, var, weight, bias, eps, relu,
                     y if view is x else y.reshape(view.shape), stats)
     _raise_bad_statistics(status, mean_name, var_name)
-    return y, view, axis, stats, gamma_dtype, beta_dtype, relu
+    return _public(y, out), view, axis, stats, gamma_dtype, beta_dtype, relu
 
 
 def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None,
@@ -463,7 +570,8 @@ def _check_backward_args(dy, ctx):
     if dy.shape != ctx._shape:
         raise ValueError(f"dy must have the shape of x, {ctx._shape}, got {dy.shape}")
     if dy.dtype is not ctx._x_view.dtype and dy.dtype != ctx._x_view.dtype:
-        raise TypeError(f"dy must have the dtype of x, {ctx.dtype}, got {dy.dtype}")
+        raise TypeError(f"dy must have the dtype of x, {_FORMAT_NAMES[ctx._x_view.dtype]}, "
+                        f"got {_FORMAT_NAMES[dy.dtype]}")
     return dy
 
 
@@ -473,6 +581,8 @@ def _grads_buffer(ctx, n_channels):
     dtype = gamma_dtype or beta_dtype or _F64
     if beta_dtype is not None and beta_dtype is not dtype and beta_dtype != dtype:
         dtype = _F64  # mixed parameter dtypes: convert each at the end
+    if dtype is not _F32 and dtype is not _F64 and dtype not in _SUPPORTED:
+        dtype = _F64  # 16-bit parameters: rounded once, at the end
     return np.empty((2, n_channels), dtype)
 
 
@@ -531,7 +641,7 @@ def batch_norm_backward(dy, ctx: BatchNormContext, out=None):
     launch("backward_rows" if view.ndim == 2 else "backward_planes", view.size,
            view, dy, stats, ctx._relu, ctx._batch_stats, dx_view, grads)
     dgamma, dbeta = _split_grads(ctx, grads)
-    return dx, dgamma, dbeta
+    return _public(dx, out), dgamma, dbeta
 
 
 # ---------------------------------------------------------------------------
@@ -613,4 +723,4 @@ def batch_norm_backward_apply(dy, ctx: BatchNormContext, sum_dy, sum_dy_xc, out=
     launch("backward_apply_rows" if view.ndim == 2 else "backward_apply_planes", view.size,
            view, dy.reshape(view.shape), ctx._stats, ctx._relu, ctx._batch_stats,
            np.float64(ctx._count), sums, dx.reshape(view.shape), np.empty((2, n_channels)))
-    return dx
+    return _public(dx, out)

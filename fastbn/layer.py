@@ -40,8 +40,12 @@ What differs, and why:
   PyTorch).  Copy them if you need to keep one.  One forward call may be
   followed by any number of backward calls (each uses the parameters as they
   were at the forward call, even if they were updated in between).
-* The input must already have the layer's dtype (no silent casts) and any
-  rank >= 2; ``axis`` is the channel axis (``-1`` for channels-last).
+* The input must already have the layer's dtype (no silent casts), or be
+  16-bit data -- float16 or bfloat16 -- which a float32 (or float64) layer
+  takes as PyTorch's "mixed type" modules do: parameters, running statistics
+  and their gradients stay in the layer's dtype, the output and ``dx`` keep
+  the data's format.  Any rank >= 2; ``axis`` is the channel axis (``-1``
+  for channels-last).
 * Non-finite batch statistics raise.  Whenever the layer normalizes with
   batch statistics (training mode, or ``track_running_stats=False``) and a
   channel's mean or variance is NaN/Inf -- the batch holds a NaN or Inf --
@@ -69,7 +73,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+from .functional import (
+    _is_bfloat16,
+    batch_norm_backward,
+    batch_norm_forward,
+    batch_norm_inference,
+)
 from .kernels import BAD_BATCH_STATS, OVERFLOW, update_running_stats
 
 __all__ = ["BatchNorm"]
@@ -148,8 +157,19 @@ def _check_dtype(dtype) -> np.dtype:
     except TypeError:
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if value not in _FLOAT_DTYPES:
+        if value.itemsize == 2 and (value.kind == "f" or _is_bfloat16(value)):
+            raise TypeError(
+                f"dtype is the dtype of the parameters and running statistics and must be "
+                f"float32 or float64, got {value}: 16-bit running statistics would lose the "
+                f"momentum updates to rounding.  A float32 layer takes {value} data as it is "
+                f"(its output keeps the data's dtype): BatchNorm(..., dtype=np.float32)")
         raise TypeError(f"dtype must be float32 or float64, got {value}")
     return value
+
+
+def _is_sixteen_bit(dtype: np.dtype) -> bool:
+    """float16 (native) or bfloat16 data: what every layer accepts besides its own dtype."""
+    return dtype == np.float16 or _is_bfloat16(dtype)
 
 
 def _channel_list(bad: np.ndarray) -> str:
@@ -191,7 +211,9 @@ class BatchNorm:
     relu : bool
         Fuse ``max(y, 0)`` into the layer (forward and backward).
     dtype : float32 or float64
-        Dtype of the parameters, the running statistics and the accepted input.
+        Dtype of the parameters, the running statistics and the accepted input;
+        16-bit input (float16, bfloat16) is accepted too, with float32
+        arithmetic, and its output keeps its format.
 
     Attributes
     ----------
@@ -335,10 +357,11 @@ class BatchNorm:
             raise TypeError("x must be an array, got None")
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
-        if x.dtype != self._dtype:
+        if x.dtype != self._dtype and not _is_sixteen_bit(x.dtype):
             hint = (f"; cast it with x.astype(np.{self._dtype.name}) or build the layer with "
                     f"dtype=np.{x.dtype.name}" if x.dtype in _FLOAT_DTYPES else "")
-            raise TypeError(f"{self!r} expects input of dtype {self._dtype}, got {x.dtype}{hint}")
+            raise TypeError(f"{self!r} expects input of dtype {self._dtype} (or 16-bit float16 "
+                            f"or bfloat16 data), got {x.dtype}{hint}")
         if x.ndim < 2:
             raise ValueError(
                 f"expected input with at least 2 dimensions (batch and channel), got shape "

@@ -186,7 +186,8 @@ def test_layer_state_unchanged_after_rejected_call(case):
     single_shape = [1] * x.ndim
     single_shape[axis] = x.shape[axis]
     with np.errstate(over="ignore", invalid="ignore"):  # values do not matter here
-        wrong_dtypes = [x.astype(np.float16), x.astype(np.int32)]
+        other_float = np.float64 if x.dtype == np.float32 else np.float32
+        wrong_dtypes = [x.astype(other_float), x.astype(np.int32)]
     bad_inputs = [
         *wrong_dtypes,  # unsupported dtype, not a float
         np.concatenate([x, np.take(x, [0], axis=axis)], axis=axis),  # one channel too many

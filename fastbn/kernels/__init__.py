@@ -27,7 +27,7 @@ fastmath, because reassociation would fold ``mean_hi + mean_lo`` back together.
 from __future__ import annotations
 
 from .._config import harden_cache
-from . import drivers, plan, planes, rows
+from . import drivers, plan, planes, rows, storage
 from ._build import build_variant
 from .drivers import (
     BAD_BATCH_STATS,
@@ -46,7 +46,7 @@ PARALLEL = build_variant(_MODULES, parallel=True)
 #: The same kernels compiled serially: small inputs and forked children.
 SERIAL = build_variant(_MODULES, parallel=False)
 
-harden_cache({name: getattr(module, name) for module in (plan, drivers)
+harden_cache({name: getattr(module, name) for module in (plan, drivers, storage)
               for name in dir(module)})
 
 __all__ = [

@@ -21,14 +21,9 @@ from numba import njit
 from .._config import CACHE
 from ._build import kernel
 from .plan import merge_moments, merge_sums, planes_plan, rows_plan
-from .planes import (
-    planes_apply,
-    planes_grad_partials,
-    planes_grad_partials_relu,
-    planes_moment_partials,
-    planes_normalize,
-)
+from .planes import planes_apply, planes_grad_partials, planes_moment_partials, planes_normalize
 from .rows import rows_apply, rows_grad_partials, rows_moment_partials, rows_normalize
+from .storage import compute_empty
 
 MEAN, VAR, INV_STD, WEIGHT, BIAS = 0, 1, 2, 3, 4
 N_STATS = 5
@@ -63,17 +58,19 @@ def _set_inv_std(stats, eps):
 
 @njit(cache=CACHE)
 def _normalize_constants(stats, like):
-    """Split the mean into hi/lo in ``like.dtype`` and fold the weight into the scale.
+    """Split the mean into hi/lo in the compute type of ``like`` and fold the weight
+    into the scale.
 
-    ``mean_lo`` is what the float64 mean has beyond ``mean_hi``; for float64
-    data it is zero.  ``scale = weight * inv_std`` and ``shift = bias`` are
-    rounded once to the data dtype.
+    The compute type is float32 for float32 and 16-bit data, float64 for
+    float64.  ``mean_lo`` is what the float64 mean has beyond ``mean_hi``; for
+    float64 data it is zero.  ``scale = weight * inv_std`` and ``shift = bias``
+    are rounded once to the compute type.
     """
     n_channels = stats.shape[1]
-    mean_hi = np.empty(n_channels, like.dtype)
-    mean_lo = np.empty(n_channels, like.dtype)
-    scale = np.empty(n_channels, like.dtype)
-    shift = np.empty(n_channels, like.dtype)
+    mean_hi = compute_empty(n_channels, like)
+    mean_lo = compute_empty(n_channels, like)
+    scale = compute_empty(n_channels, like)
+    shift = compute_empty(n_channels, like)
     for c in range(n_channels):
         mean_hi[c] = stats[MEAN, c]
         mean_lo[c] = stats[MEAN, c] - np.float64(mean_hi[c])
@@ -97,11 +94,13 @@ def _backward_constants(sums, stats, count, batch_stats, like, grads):
     ``grads[0]``, ``grads[1]`` receive dgamma and dbeta.
     """
     n_channels = stats.shape[1]
-    k_dy = np.empty(n_channels, like.dtype)
-    k_const = np.zeros(n_channels, like.dtype)
-    k_xhat = np.zeros(n_channels, like.dtype)
-    inv_std = np.empty(n_channels, like.dtype)
+    k_dy = compute_empty(n_channels, like)
+    k_const = compute_empty(n_channels, like)
+    k_xhat = compute_empty(n_channels, like)
+    inv_std = compute_empty(n_channels, like)
     for c in range(n_channels):
+        k_const[c] = 0
+        k_xhat[c] = 0
         dgamma = stats[INV_STD, c] * sums[1, c]
         grads[0, c] = dgamma
         grads[1, c] = sums[0, c]
@@ -214,6 +213,15 @@ def normalize_planes(x, mean, var, weight, bias, eps, relu, y, stats):
 # ---------------------------------------------------------------------------
 
 
+@njit(cache=CACHE, inline="always")
+def _centre_on_mean(sums, stats, mean_hi):
+    """sum(dy' * (x - mean_hi)) -> sum(dy' * (x - mean)): the sweeps centre on the
+    compute-type ``mean_hi`` (exact near the mean); the rest of the float64 mean
+    is subtracted here, in float64."""
+    for c in range(sums.shape[1]):
+        sums[1, c] -= (stats[MEAN, c] - np.float64(mean_hi[c])) * sums[0, c]
+
+
 @kernel()
 def backward_reduce_rows(x, dy, stats, relu, sums):
     """sums[0] = sum(dy'), sums[1] = sum(dy' * (x - mean)), float64, one sweep."""
@@ -222,26 +230,24 @@ def backward_reduce_rows(x, dy, stats, relu, sums):
     n_row_chunks, n_blocks = rows_plan(outer, n_channels)
     part_sum_dy = np.empty((n_row_chunks, n_channels))
     part_sum_dy_xc = np.empty((n_row_chunks, n_channels))
-    rows_grad_partials(x, dy, stats[MEAN], mean_hi, mean_lo, scale, shift, relu, n_row_chunks,
-                       n_blocks, part_sum_dy, part_sum_dy_xc)
+    rows_grad_partials(x, dy, mean_hi, mean_lo, scale, shift, relu, n_row_chunks, n_blocks,
+                       part_sum_dy, part_sum_dy_xc)
     merge_sums(part_sum_dy, part_sum_dy_xc, sums[0], sums[1])
+    _centre_on_mean(sums, stats, mean_hi)
 
 
 @kernel()
 def backward_reduce_planes(x, dy, stats, relu, sums):
     outer, n_channels, inner = x.shape
+    mean_hi, mean_lo, scale, shift = _normalize_constants(stats, x)
     n_outer_chunks, n_inner_chunks = planes_plan(outer, n_channels, inner)
     n_chunks = n_outer_chunks * n_inner_chunks
     part_sum_dy = np.empty((n_chunks, n_channels))
     part_sum_dy_xc = np.empty((n_chunks, n_channels))
-    if relu:
-        mean_hi, mean_lo, scale, shift = _normalize_constants(stats, x)
-        planes_grad_partials_relu(x, dy, stats[MEAN], mean_hi, mean_lo, scale, shift,
-                                  n_outer_chunks, n_inner_chunks, part_sum_dy, part_sum_dy_xc)
-    else:
-        planes_grad_partials(x, dy, stats[MEAN], n_outer_chunks, n_inner_chunks, part_sum_dy,
-                             part_sum_dy_xc)
+    planes_grad_partials(x, dy, mean_hi, mean_lo, scale, shift, relu, n_outer_chunks,
+                         n_inner_chunks, part_sum_dy, part_sum_dy_xc)
     merge_sums(part_sum_dy, part_sum_dy_xc, sums[0], sums[1])
+    _centre_on_mean(sums, stats, mean_hi)
 
 
 @kernel()

@@ -1,30 +1,72 @@
 """Per-element helpers shared by the rows and planes sweeps (inlined into them).
 
-They are inlined at Numba IR level and re-optimized under the *caller's*
-fastmath flags, so only sweeps compiled without fastmath may call the ones
-that centre in float32 (``(x - mean_hi) - mean_lo`` would be folded).
+They take values already converted by :func:`~.storage.load` (the compute
+type: float32 for float32 and 16-bit data, float64 for float64) and only
+return values.  They are inlined at Numba IR level and re-optimized under the
+*caller's* flags, which is why no sweep that calls them uses fastmath: the
+centring ``(x - mean_hi) - mean_lo`` would be folded.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from .._config import CACHE
+from .plan import PIVOT_VALUES
+from .storage import cast_like, load, zero_of
+
+# ---------------------------------------------------------------------------
+# Arithmetic that fastmath cannot touch.  The reductions are compiled with
+# reassociation (REDUCTION_FASTMATH), which is what lets LLVM split a scalar
+# accumulator into vector lanes.  Flags live on each LLVM instruction, so an
+# operation emitted here, without flags, keeps its exact IEEE rounding inside
+# such a loop: ``x - mean_hi`` is not rewritten into ``sum(x) - n * mean_hi``
+# (which would cancel away every digit at mean/std = 1e4), and the fused-ReLU
+# mask is computed with the forward's roundings, bit for bit.
+# ---------------------------------------------------------------------------
+
+
+@intrinsic
+def strict_sub(typingctx, a, b):
+    """``a - b``, one IEEE rounding, whatever the caller's fastmath flags."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fsub(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def strict_affine(typingctx, x, hi, lo, s, b):
+    """``((x - hi) - lo) * s + b`` with four IEEE roundings (the forward's own arithmetic)."""
+    if not (isinstance(x, types.Float) and x == hi == lo == s == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_value, hi_value, lo_value, scale, shift = args
+        centred = builder.fsub(builder.fsub(x_value, hi_value), lo_value)
+        return builder.fadd(builder.fmul(centred, scale), shift)
+
+    return x(x, hi, lo, s, b), codegen
 
 
 @njit(cache=CACHE, inline="always")
 def relu_active(x_value, hi, lo, s, b):
-    """True where the fused-ReLU forward output was > 0 (recomputed bit-for-bit)."""
-    return ((x_value - hi) - lo) * s + b > 0
+    """True where the fused-ReLU forward's value before rounding was > 0 (recomputed
+    bit for bit, also inside a reassociating reduction)."""
+    return strict_affine(x_value, hi, lo, s, b) > 0
 
 
 @njit(cache=CACHE, inline="always")
 def masked_grad(dy_value, x_value, hi, lo, s, b, relu):
-    """dy as float64, zeroed where the fused-ReLU forward output was not > 0."""
+    """dy, zeroed where the fused-ReLU forward output was not > 0 (a NaN there gives 0)."""
     if relu and not relu_active(x_value, hi, lo, s, b):
-        return 0.0
-    return np.float64(dy_value)
+        return zero_of(dy_value)
+    return dy_value
 
 
 @njit(cache=CACHE, inline="always")
@@ -35,3 +77,19 @@ def grad_input(x_value, dy_value, hi, lo, s, b, inv_std, k_dy, k_const, k_xhat, 
     if relu and not xc * s + b > zero:
         g = zero
     return k_dy * g - k_const - k_xhat * (xc * inv_std)
+
+
+@njit(cache=CACHE, inline="always")
+def task_pivot(x, c, o0, i0, i1):
+    """The shift of a planes reduction task: the mean of its first (up to PIVOT_VALUES)
+    values, in the compute type.
+
+    Sums of ``x - pivot`` lose to cancellation in proportion to how far the pivot
+    is from the mean (in standard deviations); a lone first value can be several
+    away, the mean of 32 is rarely more than one third of one.
+    """
+    n = min(PIVOT_VALUES, i1 - i0)
+    total = 0.0
+    for i in range(i0, i0 + n):
+        total += np.float64(load(x[o0, c, i]))
+    return cast_like(total / n, load(x[o0, c, i0]))
