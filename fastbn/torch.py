@@ -18,10 +18,14 @@ mode.  Anything else -- CUDA, float16/bfloat16, other strides -- falls back to
 inputs, where the Python glue around fastbn's kernels costs more than the
 kernels save (their running statistics keep fastbn's guard, below).
 
-Autograd goes through ``torch.library.custom_op`` (``fastbn::batch_norm`` and
-its backward) with ``register_autograd`` and fake implementations, so
-``torch.compile`` sees one opaque op instead of a graph break.  Double
-backward is not supported (it raises, naming ``torch.nn.BatchNorm2d``).
+In eager mode autograd goes through a ``torch.autograd.Function`` whose outputs are
+fresh tensors in the input's memory format (never views, so ``nn.ReLU(inplace=True)``
+after the batch norm works, channels_last included).  Under ``torch.compile`` a module
+runs PyTorch's batch norm by default, which inductor decomposes and fuses with the
+convolutions and element-wise ops around it, plus fastbn's guard as tensor ops
+(:data:`COMPILE_WITH`); ``COMPILE_WITH = "fastbn"`` traces fastbn's kernels instead,
+as ``torch.library.custom_op`` ``fastbn::batch_norm`` (opaque to inductor, no graph
+break).  Double backward is not supported (it raises, naming ``torch.nn.BatchNorm2d``).
 
 Semantics are PyTorch's (momentum and ``momentum=None``, ``num_batches_tracked``,
 unbiased running variance, ``track_running_stats=False``, ``affine=False``, the
@@ -33,24 +37,22 @@ untouched and warns once, instead of poisoning them for good
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 
 from . import _config
 from . import functional as _fn
 from .functional import BatchNormContext
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
-           "TorchDistributedCommunicator", "TORCH_BELOW"]
+           "TorchDistributedCommunicator", "TORCH_BELOW", "COMPILE_WITH"]
 
 _FLOATS = (torch.float32, torch.float64)
-#: Running-statistics dtypes the small-input guard checks through NumPy views.
-_GUARD_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 #: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
@@ -62,8 +64,9 @@ _GUARD_DTYPES = (torch.float16, torch.float32, torch.float64)
 #: BatchNorm1d (64, 256) 0.56-0.59x, (128, 512) 0.49-0.52x, (256, 512)
 #: 0.60-0.61x, (256, 1024) 0.74-0.96x, (512, 1024) 1.03-1.56x; BatchNorm2d
 #: (32, 64, 8, 8) 0.77-0.81x, (32, 64, 16, 16) 1.19-1.76x.  PyTorch's kernels
-#: plus the guard: 0.78-0.84x at the small ones.  Under ``torch.compile``
-#: fastbn's custom op runs at every size.
+#: plus the guard: 0.78-0.84x at the small ones before the guard was cached
+#: (:meth:`_FastBatchNormMixin._small_forward`).  ``torch.compile``: see
+#: :data:`COMPILE_WITH`.
 #: ``FASTBN_TORCH_BELOW`` overrides it; 0 sends every input to fastbn.
 TORCH_BELOW: int = _config.env_count("FASTBN_TORCH_BELOW", 1 << 18)
 #: What a converted module runs under ``torch.compile``: ``"torch"`` (the default),
@@ -259,6 +262,32 @@ def _batch_norm(x, weight, bias, eps):
 # ---------------------------------------------------------------------------
 
 
+_KEPT, _RESTORED, _LEFT = 0, 1, 2
+
+
+@njit(cache=_config.CACHE, nogil=True)
+def _guard_running_stats(mean, var, mean_before, var_before):
+    """After PyTorch updated ``mean``/``var`` (C values): finite, they become the backup
+    for the next step (_KEPT); non-finite from finite backups, the backups come back
+    (_RESTORED); backups already non-finite (a loaded NaN state): left as PyTorch made
+    them, and the backup follows (_LEFT).  One call: see ``_small_forward``."""
+    for c in range(mean.size):
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            for k in range(mean.size):
+                if not (np.isfinite(mean_before[k]) and np.isfinite(var_before[k])):
+                    mean_before[:] = mean
+                    var_before[:] = var
+                    return _LEFT
+            mean[:] = mean_before
+            var[:] = var_before
+            return _RESTORED
+    mean_before[:] = mean
+    var_before[:] = var
+    return _KEPT
+
+
+_config.harden_cache({"_guard_running_stats": _guard_running_stats})
+
 def _warn_nonfinite(stacklevel: int) -> None:
     """Once per process: a training batch's statistics were not finite."""
     if not _FastBatchNormMixin._warned_nonfinite:
@@ -333,50 +362,72 @@ class _FastBatchNormMixin:
         batch that leaves the running statistics non-finite is undone (fastbn's one
         deliberate difference holds at every size).
 
-        The guard must cost ~1% of a (64, 256) forward+backward (~100 us): a module
-        attribute costs ~1 us, ``tensor.numpy()`` ~1 us, ``np.isfinite(a).all()`` ~1.8 us,
-        so the NumPy views and backups are cached (:meth:`_guard_arrays`), the backup is
-        two C-value copies and the check one dot product (~0.8 us; a NaN or Inf anywhere
-        makes it non-finite, and only then the exact check runs)."""
+        The guard must cost ~1% of a (64, 256) forward+backward.  Measured in a training
+        loop (2 cores), every NumPy or Numba call after torch's ops costs 5-12 us, ten
+        times its isolated cost, so the guard makes one call per step: after PyTorch's
+        update, :func:`_guard_running_stats` checks the C values and either keeps them
+        as the backup for the next step or restores the backup.  The backup is trusted
+        while the buffers' version counters say nobody else wrote them (refreshed
+        otherwise); writes the counters do not see (through ``.data`` or a NumPy view)
+        are not seen by it either."""
         if not (self.training and self.track_running_stats):
             return super().forward(x)
-        arrays = self._guard_arrays()
-        if arrays is None:
-            return super().forward(x)
-        mean, var, mean_before, var_before = arrays
-        mean_before[...] = mean
-        var_before[...] = var
+        guard = self._guard_state()
+        if guard is None:
+            return self._small_forward_torch_guard(x)
+        mean, var, _, _, arrays, versions = guard
+        if mean._version != versions[0] or var._version != versions[1]:
+            arrays[2][...] = arrays[0]  # written since our last step: a fresh backup
+            arrays[3][...] = arrays[1]
         y = super().forward(x)
-        if not math.isfinite(np.dot(mean, var)) and not (
-                np.isfinite(mean).all() and np.isfinite(var).all()) and (
-                np.isfinite(mean_before).all() and np.isfinite(var_before).all()):
-            mean[...] = mean_before
-            var[...] = var_before
+        status = _guard_running_stats(*arrays)
+        versions[0], versions[1] = mean._version, var._version
+        if status == _RESTORED:
             self.num_batches_tracked.sub_(1)
             _warn_nonfinite(stacklevel=6)  # the line that called the module
         return y
 
-    def _guard_arrays(self):
-        """``(running_mean, running_var, backup_mean, backup_var)`` as NumPy arrays, the
-        first two zero-copy views of the buffers; None where the guard cannot use NumPy
-        (no running statistics, not CPU, a dtype NumPy lacks).  Cached on the module and
-        rebuilt when a buffer is replaced (``.to()``, ``load_state_dict`` keeps them) or
-        its memory moves (``.data =``, a deep copy)."""
+    def _small_forward_torch_guard(self, x: torch.Tensor) -> torch.Tensor:
+        """The guard with torch ops (running statistics NumPy/Numba cannot take: not on
+        the CPU, half precision).  Writes through ``.data``: F.batch_norm saved the
+        buffers for its backward, and a tracked in-place write would fail its check."""
+        mean, var = self.running_mean, self.running_var
+        if mean is None or var is None or self.num_batches_tracked is None:
+            return super().forward(x)
+        mean_before, var_before = mean.clone(), var.clone()
+        y = super().forward(x)
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()) and bool(
+                torch.isfinite(mean_before).all() & torch.isfinite(var_before).all()):
+            mean.data.copy_(mean_before)
+            var.data.copy_(var_before)
+            self.num_batches_tracked.sub_(1)
+            _warn_nonfinite(stacklevel=7)  # the line that called the module
+        return y
+
+    def _guard_state(self):
+        """``[running_mean, running_var, their data pointers, (mean, var, backup_mean,
+        backup_var) as NumPy arrays, [the buffers' versions after our last step]]``,
+        the first two arrays zero-copy views of the buffers; None where the guard cannot
+        use them (not CPU, not float32/float64).  Cached on the module, rebuilt when a
+        buffer is replaced (``.to()``) or its memory moves (``.data =``, a deep copy)."""
         buffers = self._buffers
         mean, var = buffers["running_mean"], buffers["running_var"]
         cached = self.__dict__.get("_fastbn_guard")
         if (cached is not None and cached[0] is mean and cached[1] is var
                 and cached[2] == mean.data_ptr() and cached[3] == var.data_ptr()):
-            return cached[4]
+            return cached if cached[4] is not None else None
         arrays = None
         if (mean is not None and var is not None and mean.device.type == "cpu"
-                and var.device.type == "cpu" and mean.dtype in _GUARD_DTYPES
-                and var.dtype in _GUARD_DTYPES and buffers.get("num_batches_tracked") is not None):
+                and var.device.type == "cpu" and mean.dtype in _FLOATS
+                and var.dtype == mean.dtype
+                and buffers.get("num_batches_tracked") is not None):
             mean_array, var_array = mean.detach().numpy(), var.detach().numpy()
             arrays = (mean_array, var_array, mean_array.copy(), var_array.copy())
-        self.__dict__["_fastbn_guard"] = (mean, var, mean.data_ptr() if mean is not None else 0,
-                                          var.data_ptr() if var is not None else 0, arrays)
-        return arrays
+        cached = [mean, var, mean.data_ptr() if mean is not None else 0,
+                  var.data_ptr() if var is not None else 0, arrays,
+                  [getattr(mean, "_version", 0), getattr(var, "_version", 0)]]
+        self.__dict__["_fastbn_guard"] = cached
+        return cached if arrays is not None else None
 
     def __getstate__(self):
         # The guard's cache holds NumPy views of this module's buffers: never pickle or

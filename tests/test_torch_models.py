@@ -280,6 +280,38 @@ def test_guard_cache_follows_replaced_and_moved_buffers(monkeypatch):
     ref.load_state_dict(module.state_dict())
     module(x), ref(x)
     assert torch.equal(module.running_mean, ref.running_mean)
+    # Written between steps (load_state_dict, reset): the backup follows the new values.
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    state["running_mean"] += 3.0
+    module.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        module(bad)
+    assert torch.equal(module.running_mean, state["running_mean"])
+    assert int(module.num_batches_tracked) == int(state["num_batches_tracked"])
+    module.reset_running_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        module(bad)
+    assert torch.equal(module.running_var, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_buffers_keep_the_guard(monkeypatch, dtype):
+    """Running statistics NumPy cannot view take the torch-ops guard."""
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 1 << 40)
+    module, ref = fbt.BatchNorm1d(4).to(dtype), torch.nn.BatchNorm1d(4).to(dtype)
+    x = torch.randn(8, 4).to(dtype)
+    module(x), ref(x)
+    assert torch.equal(module.running_var, ref.running_var)
+    before = module.running_mean.clone()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        module(bad).sum()
+    assert torch.equal(module.running_mean, before)
+    assert int(module.num_batches_tracked) == 1
 
 
 def _tiny_residual(channels_last):
