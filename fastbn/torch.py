@@ -37,6 +37,7 @@ untouched and warns once, instead of poisoning them for good
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -266,23 +267,26 @@ _KEPT, _RESTORED, _LEFT = 0, 1, 2
 
 
 @njit(cache=_config.CACHE, nogil=True)
-def _guard_running_stats(mean, var, mean_before, var_before):
+def _guard_running_stats(mean, var, mean_before, var_before, num_batches_tracked):
     """After PyTorch updated ``mean``/``var`` (C values): finite, they become the backup
-    for the next step (_KEPT); non-finite from finite backups, the backups come back
-    (_RESTORED); backups already non-finite (a loaded NaN state): left as PyTorch made
-    them, and the backup follows (_LEFT).  One call: see ``_small_forward``."""
+    for the next step and the batch is counted (_KEPT); non-finite from finite backups,
+    the backups come back, uncounted (_RESTORED); backups already non-finite (a loaded
+    NaN state): left as PyTorch made them, counted, the backup follows (_LEFT).  One
+    call per step: see ``_small_forward``."""
     for c in range(mean.size):
         if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
             for k in range(mean.size):
                 if not (np.isfinite(mean_before[k]) and np.isfinite(var_before[k])):
                     mean_before[:] = mean
                     var_before[:] = var
+                    num_batches_tracked[0] += 1
                     return _LEFT
             mean[:] = mean_before
             var[:] = var_before
             return _RESTORED
     mean_before[:] = mean
     var_before[:] = var
+    num_batches_tracked[0] += 1
     return _KEPT
 
 
@@ -358,32 +362,42 @@ class _FastBatchNormMixin:
         return y
 
     def _small_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """PyTorch's own forward, for inputs too small for the glue to pay; a training
+        """PyTorch's own batch norm, for inputs too small for the glue to pay; a training
         batch that leaves the running statistics non-finite is undone (fastbn's one
         deliberate difference holds at every size).
 
-        The guard must cost ~1% of a (64, 256) forward+backward.  Measured in a training
-        loop (2 cores), every NumPy or Numba call after torch's ops costs 5-12 us, ten
-        times its isolated cost, so the guard makes one call per step: after PyTorch's
-        update, :func:`_guard_running_stats` checks the C values and either keeps them
-        as the backup for the next step or restores the backup.  The backup is trusted
-        while the buffers' version counters say nobody else wrote them (refreshed
-        otherwise); writes the counters do not see (through ``.data`` or a NumPy view)
-        are not seen by it either."""
-        if not (self.training and self.track_running_stats):
+        Measured in a training loop on 2 cores, every NumPy or Numba call after torch's
+        ops costs 5-12 us (ten times its isolated cost) and so does a module attribute
+        or a small torch op, against ~160 us for a (64, 256) forward+backward.  So the
+        training step here is torch.nn's forward without its Python overhead
+        (``torch.batch_norm`` with the same arguments: the same kernels and bits) plus
+        one Numba call, :func:`_guard_running_stats`, which checks PyTorch's update,
+        keeps it as the backup for the next step or restores the backup, and counts the
+        batch.  The backup is trusted while the buffers' version counters say nobody
+        else wrote them (it is refreshed otherwise); writes the counters do not see
+        (through ``.data`` or a NumPy view) are not seen by it either."""
+        if not (self.training and self.track_running_stats) or type(x) is not torch.Tensor:
             return super().forward(x)
         guard = self._guard_state()
         if guard is None:
             return self._small_forward_torch_guard(x)
+        self._check_input_dim(x)
+        shape = x.shape
+        if shape[0] * math.prod(shape[2:]) == 1:  # F.batch_norm's check, same message
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {shape}")
         mean, var, _, _, arrays, versions = guard
         if mean._version != versions[0] or var._version != versions[1]:
             arrays[2][...] = arrays[0]  # written since our last step: a fresh backup
             arrays[3][...] = arrays[1]
-        y = super().forward(x)
+        momentum = self.momentum
+        factor = momentum if momentum is not None else 1.0 / float(arrays[4][0] + 1)
+        params = self._parameters
+        y = torch.batch_norm(x, params.get("weight"), params.get("bias"), mean, var, True,
+                             factor, self.eps, torch.backends.cudnn.enabled)
         status = _guard_running_stats(*arrays)
         versions[0], versions[1] = mean._version, var._version
         if status == _RESTORED:
-            self.num_batches_tracked.sub_(1)
             _warn_nonfinite(stacklevel=6)  # the line that called the module
         return y
 
@@ -405,26 +419,29 @@ class _FastBatchNormMixin:
         return y
 
     def _guard_state(self):
-        """``[running_mean, running_var, their data pointers, (mean, var, backup_mean,
-        backup_var) as NumPy arrays, [the buffers' versions after our last step]]``,
-        the first two arrays zero-copy views of the buffers; None where the guard cannot
-        use them (not CPU, not float32/float64).  Cached on the module, rebuilt when a
-        buffer is replaced (``.to()``) or its memory moves (``.data =``, a deep copy)."""
+        """``[running_mean, running_var, the buffers' data pointers, None, (mean, var,
+        backup_mean, backup_var, num_batches_tracked) as NumPy arrays, [the buffers'
+        versions after our last step]]``, the arrays of the buffers zero-copy views; None
+        where the guard cannot use them (not CPU, not float32/float64).  Cached on the
+        module, rebuilt when a buffer is replaced (``.to()``) or its memory moves
+        (``.data =``, ``set_``).  Never pickled or deep-copied (``__getstate__``)."""
         buffers = self._buffers
         mean, var = buffers["running_mean"], buffers["running_var"]
+        tracked = buffers.get("num_batches_tracked")
         cached = self.__dict__.get("_fastbn_guard")
         if (cached is not None and cached[0] is mean and cached[1] is var
-                and cached[2] == mean.data_ptr() and cached[3] == var.data_ptr()):
+                and cached[2] == (mean.data_ptr(), var.data_ptr(), tracked.data_ptr())):
             return cached if cached[4] is not None else None
         arrays = None
-        if (mean is not None and var is not None and mean.device.type == "cpu"
-                and var.device.type == "cpu" and mean.dtype in _FLOATS
-                and var.dtype == mean.dtype
-                and buffers.get("num_batches_tracked") is not None):
+        if (mean is not None and var is not None and tracked is not None
+                and mean.device.type == var.device.type == tracked.device.type == "cpu"
+                and mean.dtype in _FLOATS and var.dtype == mean.dtype
+                and tracked.dtype == torch.long and not tracked.requires_grad):
             mean_array, var_array = mean.detach().numpy(), var.detach().numpy()
-            arrays = (mean_array, var_array, mean_array.copy(), var_array.copy())
-        cached = [mean, var, mean.data_ptr() if mean is not None else 0,
-                  var.data_ptr() if var is not None else 0, arrays,
+            arrays = (mean_array, var_array, mean_array.copy(), var_array.copy(),
+                      tracked.view(1).numpy())
+        pointers = tuple(t.data_ptr() if t is not None else 0 for t in (mean, var, tracked))
+        cached = [mean, var, pointers, None, arrays,
                   [getattr(mean, "_version", 0), getattr(var, "_version", 0)]]
         self.__dict__["_fastbn_guard"] = cached
         return cached if arrays is not None else None

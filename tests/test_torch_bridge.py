@@ -303,3 +303,17 @@ def test_torch_below_from_environment(monkeypatch):
         assert fbt._config.env_count("FASTBN_TORCH_BELOW", 1 << 18) == 1 << 18
     monkeypatch.delenv("FASTBN_TORCH_BELOW")
     assert fbt._config.env_count("FASTBN_TORCH_BELOW", 1 << 18) == 1 << 18
+
+
+def test_small_path_matches_torch_errors_and_3d_inputs(monkeypatch):
+    """The small path calls torch.batch_norm itself: torch.nn's checks and bits hold."""
+    monkeypatch.setattr(fbt, "TORCH_BELOW", 10_000)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fbt.BatchNorm1d(4)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        fbt.BatchNorm1d(4)(torch.randn(2, 4, 3, 3))
+    fast, ref = fbt.BatchNorm1d(4, affine=False), torch.nn.BatchNorm1d(4, affine=False)
+    x = torch.randn(3, 4, 5)
+    assert torch.equal(fast(x), ref(x))
+    assert torch.equal(fast.running_var, ref.running_var)
+    assert int(fast.num_batches_tracked) == int(ref.num_batches_tracked) == 1
