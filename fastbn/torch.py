@@ -53,7 +53,9 @@ from .functional import BatchNormContext
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
            "TorchDistributedCommunicator", "TORCH_BELOW", "COMPILE_WITH"]
 
-_FLOATS = (torch.float32, torch.float64)
+#: The tensor dtypes fastbn's kernels take, and their NumPy dtypes (the one place to extend).
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_FLOATS = tuple(_NUMPY_DTYPES)
 
 
 #: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
@@ -112,18 +114,22 @@ def _memory_format(layout: str, ndim: int) -> torch.memory_format:
 
 
 def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarray]:
-    """A fresh tensor shaped and laid out like ``x`` and its zero-copy NumPy view, for a
-    kernel's ``out=``.  Returning this tensor, rather than a permuted ``from_numpy``
-    tensor, matters: a permute is a view, and autograd refuses in-place ops on views
-    made inside a custom Function (``nn.ReLU(inplace=True)`` after the batch norm)."""
-    tensor = torch.empty_like(x, memory_format=_memory_format(layout, x.dim()))
-    return tensor, _to_numpy(tensor, layout)[0]
+    """A fresh tensor shaped and laid out like ``x`` (no view: see :func:`_from_numpy`)
+    and the NumPy array it wraps, for a kernel's ``out=``.  NumPy allocates it: it asks
+    for transparent huge pages on large arrays, which torch's CPU allocator does not,
+    and the first touch of fresh 4 KiB pages cost a (32, 64, 56, 56) forward+backward
+    25 % (measured: 15.6 ms with ``torch.empty_like``, 11.8 ms with ``np.empty``)."""
+    shape = tuple(x.shape) if layout == "contiguous" else (x.shape[0], *x.shape[2:], x.shape[1])
+    array = np.empty(shape, _NUMPY_DTYPES[x.dtype])
+    return _from_numpy(array, layout, x.dim()), array
 
 
 def _from_numpy(array: np.ndarray, layout: str, ndim: int) -> torch.Tensor:
     """``array`` (fastbn's layout) as an N, C, spatial... tensor sharing its memory.  Never
-    a view of another tensor (see :func:`_empty_output`): channels-last gets its strides
-    through ``set_`` on the array's storage instead of a permute."""
+    a view of another tensor: autograd refuses in-place ops on views made inside a
+    custom Function (``nn.ReLU(inplace=True)`` after the batch norm, in channels_last),
+    so channels-last gets its strides through ``set_`` on the array's storage instead
+    of a permute."""
     tensor = torch.from_numpy(array)
     if layout == "contiguous":
         return tensor
