@@ -342,16 +342,12 @@ def _kernel_arrays(like: np.dtype, *arrays):
     workspace); float64 copies otherwise -- so each data dtype compiles at
     most two signatures.  None becomes a length-0 array (no affine).
     """
-    common = like
-    for a in arrays:
-        if a is not None and not (a.dtype is like and a.flags.c_contiguous
-                                  and a.flags.writeable):
-            common = _F64
-            break
-    empty = _NO_PARAMETER[common]
-    if common is like:
-        return [empty if a is None else a for a in arrays]
-    return [empty if a is None else np.array(a, dtype=_F64) for a in arrays]
+    ready = all(a is None or (a.dtype is like and a.flags.c_contiguous and a.flags.writeable)
+                for a in arrays)
+    if ready:
+        return [_NO_PARAMETER[like] if a is None else a for a in arrays]
+    # (also when ``like`` is float64: a big-endian or strided float64 array is copied)
+    return [_NO_PARAMETER[_F64] if a is None else np.array(a, dtype=_F64) for a in arrays]
 
 
 def _is_kernel_ready(a, like: np.dtype, n_channels: int) -> bool:
