@@ -161,12 +161,20 @@ def bf16_bits_to_f32(bits):
 
 @njit(cache=CACHE, inline="always")
 def f32_to_bf16_bits(value):
-    """Round to nearest even on the dropped 16 bits; NaN stays NaN (quieted)."""
+    """Round to nearest even on the dropped 16 bits; NaN stays NaN (quieted).
+
+    Branch-free, and the NaN test is a float compare (one instruction) selecting
+    between two 32-bit results before the one narrowing: the integer-compare
+    form with a branch per path measured 2.3x slower than F16C's float16
+    stores in a normalize sweep (its masks were packed to 16 bits separately).
+    """
+    # (every intermediate cast back to uint32: Numba widens uint32 arithmetic to
+    # 64 bits, which halves the vector width)
     bits = _f32_as_u32(value)
-    if (bits & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
-        return np.int16(np.uint16(_U32(bits >> _U32(16)) | _U32(0x0040)))
-    odd = _U32((bits >> _U32(16)) & _U32(1))
-    return np.int16(np.uint16(_U32(bits + _U32(0x7FFF) + odd) >> _U32(16)))
+    high = _U32(bits >> _U32(16))
+    rounded = _U32(_U32(bits + _U32(0x7FFF)) + _U32(high & _U32(1))) >> _U32(16)
+    quieted = _U32(high | _U32(0x0040))
+    return np.int16(np.uint16(_U32(quieted if value != value else _U32(rounded))))
 
 
 # ---------------------------------------------------------------------------
