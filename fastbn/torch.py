@@ -33,6 +33,8 @@ untouched and warns once, instead of poisoning them for good
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 
 import numpy as np
@@ -47,6 +49,8 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "conver
            "TorchDistributedCommunicator", "TORCH_BELOW"]
 
 _FLOATS = (torch.float32, torch.float64)
+#: Running-statistics dtypes the small-input guard checks through NumPy views.
+_GUARD_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 #: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
@@ -62,6 +66,12 @@ _FLOATS = (torch.float32, torch.float64)
 #: fastbn's custom op runs at every size.
 #: ``FASTBN_TORCH_BELOW`` overrides it; 0 sends every input to fastbn.
 TORCH_BELOW: int = _config.env_count("FASTBN_TORCH_BELOW", 1 << 18)
+#: What a converted module runs under ``torch.compile``: ``"torch"`` (the default),
+#: PyTorch's batch norm, which inductor fuses with its neighbours, with fastbn's guard of
+#: the running statistics; or ``"fastbn"``, fastbn's kernels as one opaque custom op.
+#: Measured on a CIFAR ResNet-18 training step (bench/torch_bench.py), see the docs.
+#: ``FASTBN_TORCH_COMPILE`` sets it.
+COMPILE_WITH: str = os.environ.get("FASTBN_TORCH_COMPILE", "torch").strip() or "torch"
 _DOUBLE_BACKWARD = ("fastbn's batch norm does not support double backward (gradients of "
                     "gradients); use torch.nn.BatchNorm2d (or 1d/3d) for that model")
 
@@ -91,11 +101,32 @@ def _to_numpy(x: torch.Tensor, layout: str) -> tuple[np.ndarray, int]:
     return x.detach().permute(*order).numpy(), -1
 
 
+def _memory_format(layout: str, ndim: int) -> torch.memory_format:
+    if layout != "channels_last":
+        return torch.contiguous_format
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A fresh tensor shaped and laid out like ``x`` and its zero-copy NumPy view, for a
+    kernel's ``out=``.  Returning this tensor, rather than a permuted ``from_numpy``
+    tensor, matters: a permute is a view, and autograd refuses in-place ops on views
+    made inside a custom Function (``nn.ReLU(inplace=True)`` after the batch norm)."""
+    tensor = torch.empty_like(x, memory_format=_memory_format(layout, x.dim()))
+    return tensor, _to_numpy(tensor, layout)[0]
+
+
 def _from_numpy(array: np.ndarray, layout: str, ndim: int) -> torch.Tensor:
+    """``array`` (fastbn's layout) as an N, C, spatial... tensor sharing its memory.  Never
+    a view of another tensor (see :func:`_empty_output`): channels-last gets its strides
+    through ``set_`` on the array's storage instead of a permute."""
     tensor = torch.from_numpy(array)
     if layout == "contiguous":
         return tensor
-    return tensor.permute(0, ndim - 1, *range(1, ndim - 1))  # back to N, C, spatial...
+    order = (0, ndim - 1, *range(1, ndim - 1))  # back to N, C, spatial...
+    return tensor.new_empty(0).set_(tensor.untyped_storage(), 0,
+                                    [tensor.shape[i] for i in order],
+                                    [tensor.stride(i) for i in order])
 
 
 def _parameter(t):
@@ -111,9 +142,10 @@ def _forward_impl(x, weight, bias, eps):
     """Training-mode batch norm: ``(y, stats)``, stats the float64 (5, C) workspace."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
-    y, ctx = _fn.batch_norm_forward(array, _parameter(weight), _parameter(bias), eps=eps,
-                                    axis=axis)
-    return _from_numpy(y, layout, x.dim()), torch.from_numpy(ctx._stats)
+    y, out = _empty_output(x, layout)
+    _, ctx = _fn.batch_norm_forward(array, _parameter(weight), _parameter(bias), eps=eps,
+                                    axis=axis, out=out)
+    return y, torch.from_numpy(ctx._stats)
 
 
 @torch.library.custom_op("fastbn::batch_norm", mutates_args=())
@@ -132,10 +164,8 @@ def _backward_impl(dy, x, stats, has_weight, has_bias):
     """``(dx, dweight, dbias)`` from the forward's input and statistics (two sweeps)."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
-    dy = dy.contiguous(memory_format=torch.channels_last if layout == "channels_last"
-                       and x.dim() == 4 else torch.channels_last_3d
-                       if layout == "channels_last" else torch.contiguous_format)
-    dy_array, _ = _to_numpy(dy, layout)
+    dy_array, _ = _to_numpy(dy.contiguous(memory_format=_memory_format(layout, x.dim())),
+                            layout)
     stats_array = stats.numpy()
     n_channels = stats_array.shape[1]
     dtype = array.dtype
@@ -145,11 +175,13 @@ def _backward_impl(dy, x, stats, has_weight, has_bias):
     ctx = BatchNormContext(view, array.shape, axis, stats_array,
                            dtype if has_weight else None, dtype if has_bias else None,
                            False, True, array.size // n_channels)
-    dx, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx)
+    dx, out = _empty_output(x, layout)
+    _, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx, out=out)
+
     def as_tensor(grad):  # outputs must not alias each other: fresh zeros when absent
         return torch.zeros(n_channels, dtype=x.dtype) if grad is None else torch.from_numpy(grad)
 
-    return _from_numpy(dx, layout, x.dim()), as_tensor(dgamma), as_tensor(dbeta)
+    return dx, as_tensor(dgamma), as_tensor(dbeta)
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
@@ -246,8 +278,13 @@ class _FastBatchNormMixin:
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < TORCH_BELOW and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x)
+        if x.numel() < TORCH_BELOW:
             return self._small_forward(x)  # first: every microsecond counts there
+        return self._fastbn_forward(x)
+
+    def _fastbn_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         layout = _fastbn_layout(x)
         if layout is None or (self.weight is not None and self.weight.dtype != x.dtype):
@@ -263,34 +300,102 @@ class _FastBatchNormMixin:
             self._update_running_stats(stats, x.numel() // x.shape[1])
         return y
 
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Under ``torch.compile``: by default PyTorch's forward, which inductor decomposes
+        and fuses with the convolutions, ReLUs and adds around it (fastbn's op is opaque to
+        it: a CIFAR ResNet-18 step trained at 0.90x compile(torch.nn) through it), plus the
+        finite guard as branch-free tensor ops on C values (fused into a tiny kernel).  No
+        warning here: a traced graph cannot warn on a tensor's value."""
+        if COMPILE_WITH == "fastbn":
+            return self._fastbn_forward(x)
+        if not (self.training and self.track_running_stats and self.running_mean is not None
+                and self.num_batches_tracked is not None):
+            return super().forward(x)
+        self._check_input_dim(x)
+        # torch.nn's forward, except that F.batch_norm updates copies of the running
+        # statistics: it saves the ones it is given for its backward, so writing the
+        # buffers themselves after it would fail autograd's version check.
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
+            else self.momentum
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
+        # Keep the update unless it made finite statistics non-finite (as _small_forward).
+        keep = (torch.isfinite(mean).all() & torch.isfinite(var).all()) \
+            | ~(torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all())
+        self.running_mean.copy_(torch.where(keep, mean, self.running_mean))
+        self.running_var.copy_(torch.where(keep, var, self.running_var))
+        self.num_batches_tracked.sub_((~keep).to(self.num_batches_tracked.dtype))
+        return y
+
     def _small_forward(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's own forward, for inputs too small for the glue to pay; a training
         batch that leaves the running statistics non-finite is undone (fastbn's one
-        deliberate difference holds at every size)."""
-        if not (self.training and self.track_running_stats and self.running_mean is not None
-                and self.running_mean.device.type == "cpu"):
+        deliberate difference holds at every size).
+
+        The guard must cost ~1% of a (64, 256) forward+backward (~100 us): a module
+        attribute costs ~1 us, ``tensor.numpy()`` ~1 us, ``np.isfinite(a).all()`` ~1.8 us,
+        so the NumPy views and backups are cached (:meth:`_guard_arrays`), the backup is
+        two C-value copies and the check one dot product (~0.8 us; a NaN or Inf anywhere
+        makes it non-finite, and only then the exact check runs)."""
+        if not (self.training and self.track_running_stats):
             return super().forward(x)
-        # NumPy views of the buffers: a copy and a check cost ~5 us, torch ops ~30.
-        buffers = [(b.detach() if b.requires_grad else b).numpy()
-                   for b in (self.running_mean, self.running_var, self.num_batches_tracked)]
-        saved = [b.copy() for b in buffers]
+        arrays = self._guard_arrays()
+        if arrays is None:
+            return super().forward(x)
+        mean, var, mean_before, var_before = arrays
+        mean_before[...] = mean
+        var_before[...] = var
         y = super().forward(x)
-        (mean, var, _), (mean_before, var_before, _) = buffers, saved
-        if not (np.isfinite(mean).all() and np.isfinite(var).all()) \
-                and np.isfinite(mean_before).all() and np.isfinite(var_before).all():
-            for buffer, before in zip(buffers, saved, strict=True):
-                buffer[...] = before
+        if not math.isfinite(np.dot(mean, var)) and not (
+                np.isfinite(mean).all() and np.isfinite(var).all()) and (
+                np.isfinite(mean_before).all() and np.isfinite(var_before).all()):
+            mean[...] = mean_before
+            var[...] = var_before
+            self.num_batches_tracked.sub_(1)
             _warn_nonfinite(stacklevel=6)  # the line that called the module
         return y
+
+    def _guard_arrays(self):
+        """``(running_mean, running_var, backup_mean, backup_var)`` as NumPy arrays, the
+        first two zero-copy views of the buffers; None where the guard cannot use NumPy
+        (no running statistics, not CPU, a dtype NumPy lacks).  Cached on the module and
+        rebuilt when a buffer is replaced (``.to()``, ``load_state_dict`` keeps them) or
+        its memory moves (``.data =``, a deep copy)."""
+        buffers = self._buffers
+        mean, var = buffers["running_mean"], buffers["running_var"]
+        cached = self.__dict__.get("_fastbn_guard")
+        if (cached is not None and cached[0] is mean and cached[1] is var
+                and cached[2] == mean.data_ptr() and cached[3] == var.data_ptr()):
+            return cached[4]
+        arrays = None
+        if (mean is not None and var is not None and mean.device.type == "cpu"
+                and var.device.type == "cpu" and mean.dtype in _GUARD_DTYPES
+                and var.dtype in _GUARD_DTYPES and buffers.get("num_batches_tracked") is not None):
+            mean_array, var_array = mean.detach().numpy(), var.detach().numpy()
+            arrays = (mean_array, var_array, mean_array.copy(), var_array.copy())
+        self.__dict__["_fastbn_guard"] = (mean, var, mean.data_ptr() if mean is not None else 0,
+                                          var.data_ptr() if var is not None else 0, arrays)
+        return arrays
+
+    def __getstate__(self):
+        # The guard's cache holds NumPy views of this module's buffers: never pickle or
+        # deep-copy it (a copy would be a cache of arrays no longer sharing the memory).
+        state = super().__getstate__()
+        if "_fastbn_guard" in state:
+            state = dict(state)
+            del state["_fastbn_guard"]
+        return state
 
     def _inference(self, x, layout):
         if torch.is_grad_enabled() and x.requires_grad:
             return super().forward(x)  # eval-mode gradients: PyTorch's path
         array, axis = _to_numpy(x, layout)
-        y = _fn.batch_norm_inference(array, self.running_mean.detach().numpy(),
-                                     self.running_var.detach().numpy(), _parameter(self.weight),
-                                     _parameter(self.bias), eps=float(self.eps), axis=axis)
-        return _from_numpy(y, layout, x.dim())
+        y, out = _empty_output(x, layout)
+        _fn.batch_norm_inference(array, self.running_mean.detach().numpy(),
+                                 self.running_var.detach().numpy(), _parameter(self.weight),
+                                 _parameter(self.bias), eps=float(self.eps), axis=axis, out=out)
+        return y
 
     @torch.no_grad()
     def _update_running_stats(self, stats: torch.Tensor, count: int) -> None:
@@ -411,9 +516,7 @@ class _SyncFunction(torch.autograd.Function):
 
         fctx = ctx.fctx
         if isinstance(fctx, BatchNormContext):
-            dy = dy.contiguous(memory_format=torch.channels_last if ctx.layout == "channels_last"
-                               and ctx.ndim == 4 else torch.channels_last_3d
-                               if ctx.layout == "channels_last" else torch.contiguous_format)
+            dy = dy.contiguous(memory_format=_memory_format(ctx.layout, ctx.ndim))
             dy_array, _ = _to_numpy(dy, ctx.layout)
         else:
             dy_array = dy.detach().numpy()
