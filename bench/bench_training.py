@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bench.conftest import CASES, case_id
-from bench.peers import PEER_NAMES, TOLERANCE, output_errors
+from bench.peers import DEFAULT_PEERS as PEER_NAMES
+from bench.peers import TOLERANCE, output_errors
 
 
 @pytest.mark.parametrize("peer_name", PEER_NAMES)

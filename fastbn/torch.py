@@ -10,22 +10,27 @@ The modules *are* ``torch.nn.BatchNorm*d`` (subclasses): ``isinstance``,
 ``state_dict`` keys, ``load_state_dict``, ``.to(dtype)``, ``train()``/``eval()``,
 hooks and optimizers behave as usual; only the arithmetic changes.
 
-Where fastbn runs: CPU float32/float64 tensors that are contiguous, or
-``channels_last``/``channels_last_3d`` (mapped to fastbn's ``axis=-1`` through
-a zero-copy NumPy view), of at least :data:`TORCH_BELOW` elements in eager
-mode.  Anything else -- CUDA, float16/bfloat16, other strides -- falls back to
-``torch.nn.BatchNorm*d.forward`` with identical semantics; so do small eager
-inputs, where the Python glue around fastbn's kernels costs more than the
+Where fastbn runs: CPU float32/float64/bfloat16/float16 tensors that are
+contiguous, or ``channels_last``/``channels_last_3d`` (mapped to fastbn's
+``axis=-1`` through a zero-copy NumPy view), of at least :data:`TORCH_BELOW`
+elements in eager mode.  16-bit data may come with float32 parameters and
+running statistics (PyTorch's mixed type, what ``torch.autocast`` hands a batch
+norm) or with 16-bit ones (a module made 16-bit with ``.to(torch.bfloat16)``:
+they are widened to float32 for the kernels, exactly, and autograd casts the
+gradients back); bfloat16 reaches the kernels as its int16 bits, so ml_dtypes
+is not needed.  Anything else -- CUDA, other strides, other dtype mixes -- falls
+back to ``torch.nn.BatchNorm*d.forward`` with identical semantics; so do small
+eager inputs, where the Python glue around fastbn's kernels costs more than the
 kernels save (their running statistics keep fastbn's guard, below).
 
-In eager mode autograd goes through a ``torch.autograd.Function`` whose outputs are
-fresh tensors in the input's memory format (never views, so ``nn.ReLU(inplace=True)``
-after the batch norm works, channels_last included).  Under ``torch.compile`` a module
-runs PyTorch's batch norm by default, which inductor decomposes and fuses with the
-convolutions and element-wise ops around it, plus fastbn's guard as tensor ops
-(:data:`COMPILE_WITH`); ``COMPILE_WITH = "fastbn"`` traces fastbn's kernels instead,
-as ``torch.library.custom_op`` ``fastbn::batch_norm`` (opaque to inductor, no graph
-break).  Double backward is not supported (it raises, naming ``torch.nn.BatchNorm2d``).
+Outputs are tensors allocated here and written by the kernels through ``out=``,
+never views, so an in-place op after the batch norm (``nn.ReLU(inplace=True)``)
+works in every layout.  Eager autograd goes through a ``torch.autograd.Function``;
+``torch.library.custom_op`` (``fastbn::batch_norm`` and its backward) with fake
+implementations serves ``torch.compile`` when :data:`COMPILE_WITH` is
+``"fastbn"`` (by default a compiled module runs PyTorch's batch norm, which
+inductor fuses).  Double backward is not supported (it raises, naming
+``torch.nn.BatchNorm2d``).
 
 Semantics are PyTorch's (momentum and ``momentum=None``, ``num_batches_tracked``,
 unbiased running variance, ``track_running_stats=False``, ``affine=False``, the
@@ -53,9 +58,11 @@ from .functional import BatchNormContext
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
            "TorchDistributedCommunicator", "TORCH_BELOW", "COMPILE_WITH"]
 
-#: The tensor dtypes fastbn's kernels take, and their NumPy dtypes (the one place to extend).
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: 16-bit data: parameters and running statistics float32 (PyTorch's "mixed type").
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+#: NumPy dtypes of the tensor dtypes NumPy has: outputs allocated by NumPy (huge pages).
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
-_FLOATS = tuple(_NUMPY_DTYPES)
 
 
 #: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
@@ -101,10 +108,14 @@ def _fastbn_layout(x: torch.Tensor):
 
 
 def _to_numpy(x: torch.Tensor, layout: str) -> tuple[np.ndarray, int]:
-    if layout == "contiguous":
-        return x.detach().numpy(), 1
-    order = (0, *range(2, x.dim()), 1)  # N, spatial..., C: contiguous for channels_last
-    return x.detach().permute(*order).numpy(), -1
+    x = x.detach()
+    axis = 1
+    if layout != "contiguous":
+        x = x.permute(0, *range(2, x.dim()), 1)  # N, spatial..., C: contiguous for channels_last
+        axis = -1
+    if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, marked for fastbn
+        return _fn._bfloat16_bits(x.view(torch.int16).numpy()), axis
+    return x.numpy(), axis
 
 
 def _memory_format(layout: str, ndim: int) -> torch.memory_format:
@@ -119,6 +130,9 @@ def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarra
     for transparent huge pages on large arrays, which torch's CPU allocator does not,
     and the first touch of fresh 4 KiB pages cost a (32, 64, 56, 56) forward+backward
     25 % (measured: 15.6 ms with ``torch.empty_like``, 11.8 ms with ``np.empty``)."""
+    if x.dtype not in _NUMPY_DTYPES:  # 16-bit: torch allocates, _to_numpy gives its bits
+        tensor = torch.empty_like(x, memory_format=_memory_format(layout, x.dim()))
+        return tensor, _to_numpy(tensor, layout)[0]
     shape = tuple(x.shape) if layout == "contiguous" else (x.shape[0], *x.shape[2:], x.shape[1])
     array = np.empty(shape, _NUMPY_DTYPES[x.dtype])
     return _from_numpy(array, layout, x.dim()), array
@@ -140,7 +154,12 @@ def _from_numpy(array: np.ndarray, layout: str, ndim: int) -> torch.Tensor:
 
 
 def _parameter(t):
-    return None if t is None else t.detach().numpy()
+    """A parameter or running statistic as NumPy; 16-bit ones (a module made 16-bit with
+    ``.to(torch.bfloat16)``) widened to float32, which holds them exactly."""
+    if t is None:
+        return None
+    t = t.detach()
+    return (t.float() if t.dtype in _SIXTEEN_BIT else t).numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -178,9 +197,11 @@ def _backward_impl(dy, x, stats, has_weight, has_bias):
                             layout)
     stats_array = stats.numpy()
     n_channels = stats_array.shape[1]
-    dtype = array.dtype
+    # gradients of the parameters in the compute dtype (float32 for 16-bit data);
+    # autograd casts them to the parameters' own dtype
+    dtype = np.dtype(np.float32) if x.dtype in _SIXTEEN_BIT else array.dtype
     axis %= array.ndim
-    view, _ = _fn._layout(array, axis)
+    view, _ = _fn._layout(_fn._as_data(array, "x"), axis)
     # The context of the forward call, rebuilt from its saved workspace: no sweep.
     ctx = BatchNormContext(view, array.shape, axis, stats_array,
                            dtype if has_weight else None, dtype if has_bias else None,
@@ -189,7 +210,9 @@ def _backward_impl(dy, x, stats, has_weight, has_bias):
     _, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx, out=out)
 
     def as_tensor(grad):  # outputs must not alias each other: fresh zeros when absent
-        return torch.zeros(n_channels, dtype=x.dtype) if grad is None else torch.from_numpy(grad)
+        if grad is None:
+            return torch.zeros(n_channels, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+        return torch.from_numpy(grad)
 
     return dx, as_tensor(dgamma), as_tensor(dbeta)
 
@@ -307,6 +330,14 @@ def _warn_nonfinite(stacklevel: int) -> None:
                       "them NaN)", RuntimeWarning, stacklevel=stacklevel)
 
 
+def _parameters_fit(weight, x: torch.Tensor) -> bool:
+    """fastbn runs parameters of the data's dtype, and float32 or 16-bit parameters
+    with 16-bit data (PyTorch's mixed type; what autocast and ``.to(bfloat16)`` make)."""
+    if weight is None or weight.dtype == x.dtype:
+        return True
+    return x.dtype in _SIXTEEN_BIT and weight.dtype in (torch.float32, *_SIXTEEN_BIT)
+
+
 class _FastBatchNormMixin:
     """The forward shared by the three modules (``self`` is a torch.nn.BatchNorm*d)."""
 
@@ -326,8 +357,8 @@ class _FastBatchNormMixin:
     def _fastbn_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         layout = _fastbn_layout(x)
-        if layout is None or (self.weight is not None and self.weight.dtype != x.dtype):
-            return super().forward(x)  # CUDA, half precision, odd strides: PyTorch's own
+        if layout is None or not _parameters_fit(self.weight, x):
+            return super().forward(x)  # CUDA, odd strides, mismatched dtypes: PyTorch's own
         if not self._use_batch_stats():
             return self._inference(x, layout)
         if x.numel() // x.shape[1] < 2:
@@ -441,7 +472,7 @@ class _FastBatchNormMixin:
         arrays = None
         if (mean is not None and var is not None and tracked is not None
                 and mean.device.type == var.device.type == tracked.device.type == "cpu"
-                and mean.dtype in _FLOATS and var.dtype == mean.dtype
+                and mean.dtype in _NUMPY_DTYPES and var.dtype == mean.dtype
                 and tracked.dtype == torch.long and not tracked.requires_grad):
             mean_array, var_array = mean.detach().numpy(), var.detach().numpy()
             arrays = (mean_array, var_array, mean_array.copy(), var_array.copy(),
@@ -466,8 +497,8 @@ class _FastBatchNormMixin:
             return super().forward(x)  # eval-mode gradients: PyTorch's path
         array, axis = _to_numpy(x, layout)
         y, out = _empty_output(x, layout)
-        _fn.batch_norm_inference(array, self.running_mean.detach().numpy(),
-                                 self.running_var.detach().numpy(), _parameter(self.weight),
+        _fn.batch_norm_inference(array, _parameter(self.running_mean),
+                                 _parameter(self.running_var), _parameter(self.weight),
                                  _parameter(self.bias), eps=float(self.eps), axis=axis, out=out)
         return y
 
@@ -497,7 +528,8 @@ class _FastBatchNormMixin:
         """Eager fast path: fastbn's update kernel on zero-copy views of the buffers (one
         call instead of a dozen small torch ops).  False when it does not apply."""
         buffers = (self.running_mean, self.running_var)
-        if any(b.device.type != "cpu" or b.dtype not in _FLOATS or not b.is_contiguous()
+        if any(b.device.type != "cpu" or b.dtype not in (torch.float32, torch.float64)
+               or not b.is_contiguous()
                for b in buffers) or stats.dtype != torch.float64:
             return False
         from .kernels import BAD_BATCH_STATS, update_running_stats
@@ -574,32 +606,42 @@ class _SyncFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module):
         from .distributed import sync_forward
 
-        layout = _fastbn_layout(x)
-        array, axis = _to_numpy(x, layout) if x.numel() else (x.detach().numpy(), 1)
+        layout = _fastbn_layout(x) if x.numel() else "contiguous"
+        array, axis = _to_numpy(x, layout)
         fingerprint = (module.num_features, x.element_size(), x.dim(), float(module.eps) * 1e5)
         y, fctx, mean, var, count = sync_forward(
             array, _parameter(weight), _parameter(bias), float(module.eps),
             axis % max(array.ndim, 1), False, module._communicator(), fingerprint)
         ctx.fctx, ctx.layout, ctx.module, ctx.ndim = fctx, layout, module, x.dim()
+        ctx.grad_dtype = weight.dtype if weight is not None else torch.float32
         module._last_global = (mean, var, count)
-        return _from_numpy(y, layout, x.dim()) if x.numel() else torch.from_numpy(y)
+        return _sync_output(y, layout, x)
 
     @staticmethod
     def backward(ctx, dy):
         from .distributed import sync_backward
 
         fctx = ctx.fctx
-        if isinstance(fctx, BatchNormContext):
-            dy = dy.contiguous(memory_format=_memory_format(ctx.layout, ctx.ndim))
-            dy_array, _ = _to_numpy(dy, ctx.layout)
-        else:
-            dy_array = dy.detach().numpy()
+        dy = dy.contiguous(memory_format=_memory_format(ctx.layout, ctx.ndim))
+        dy_array, _ = _to_numpy(dy, ctx.layout)
         dx, sum_dy, sum_dy_xc = sync_backward(dy_array, fctx, ctx.module._communicator())
-        dx = _from_numpy(dx, ctx.layout, ctx.ndim) if dy.numel() else torch.from_numpy(dx)
+        dx = _sync_output(dx, ctx.layout, dy)
         inv_std = fctx.inv_std if isinstance(fctx, BatchNormContext) else 0.0
-        dweight = torch.from_numpy(inv_std * sum_dy_xc).to(dy.dtype)
-        dbias = torch.from_numpy(sum_dy).to(dy.dtype)
+        dweight = torch.from_numpy(inv_std * sum_dy_xc).to(ctx.grad_dtype)
+        dbias = torch.from_numpy(sum_dy).to(ctx.grad_dtype)
         return dx, dweight, dbias, None
+
+
+def _sync_output(array: np.ndarray, layout: str, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's output (fastbn's layout) as a tensor shaped and laid out like ``like``;
+    bfloat16 bits are copied into a fresh bfloat16 tensor (a dtype view would be a view
+    made inside the Function, which in-place ops after it refuse)."""
+    if like.dtype != torch.bfloat16:
+        return _from_numpy(array, layout, like.dim()) if like.numel() else \
+            torch.from_numpy(array)
+    tensor = torch.empty_like(like, memory_format=_memory_format(layout, like.dim()))
+    _to_numpy(tensor, layout)[0][...] = array.view(np.int16)
+    return tensor
 
 
 class SyncBatchNorm(torch.nn.SyncBatchNorm):
