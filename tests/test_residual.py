@@ -405,3 +405,78 @@ def test_sixteen_bit_data(shape, axis, dtype):
                                   np.where(y.astype(np.float64) > 0, dys, 0))
     assert rel_err(dx, dx_ref) < 4 * ulp
     assert rel_err(dgamma, dgamma_ref) < 1e-3 and rel_err(dbeta, dbeta_ref) < 1e-3
+
+
+# ---------------------------------------------------------------------------
+# The layer: BatchNorm(..., relu=True)(x, residual=z)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS[:3], ids=LAYOUT_IDS[:3])
+def test_layer_residual_training_and_eval(shape, axis):
+    x, r, gamma, beta, dy = make_inputs(shape, axis, np.float32)
+    c = shape[axis]
+    bn = fastbn.BatchNorm(c, axis=axis, relu=True, momentum=0.2)
+    plain = fastbn.BatchNorm(c, axis=axis, relu=True, momentum=0.2)
+    for layer in (bn, plain):
+        layer.weight[...] = gamma
+        layer.bias[...] = beta
+    y = bn(x, residual=r)
+    plain(x)
+    y_f, ctx = fastbn.batch_norm_add_relu_forward(x, r, gamma, beta, axis=axis)
+    assert y.tobytes() == y_f.tobytes()
+    # The running statistics behave as today: those of x, as a plain layer's.
+    for key, value in plain.state_dict().items():
+        assert bn.state_dict()[key].tobytes() == value.tobytes(), key
+    assert bn.num_batches_tracked == 1
+    dx, dr = bn.backward(dy)
+    dx_f, dr_f, dgamma_f, dbeta_f = fastbn.batch_norm_add_relu_backward(dy, ctx)
+    assert dx.tobytes() == dx_f.tobytes() and dr.tobytes() == dr_f.tobytes()
+    assert bn.grad_weight.tobytes() == dgamma_f.tobytes()
+    assert bn.grad_bias.tobytes() == dbeta_f.tobytes()
+
+    bn.eval()
+    y_eval = bn(x, residual=r)
+    y_eval_f, ctx_eval = fastbn.batch_norm_add_relu_inference(
+        x, r, bn.running_mean, bn.running_var, gamma, beta, axis=axis, return_context=True)
+    assert y_eval.tobytes() == y_eval_f.tobytes() and bn.num_batches_tracked == 1
+    dx_eval, dr_eval = bn.backward(dy)
+    assert dx_eval.tobytes() == fastbn.batch_norm_add_relu_backward(dy, ctx_eval)[0].tobytes()
+    # A plain call afterwards: the backward returns dx alone again.
+    bn.train()
+    bn(x)
+    assert isinstance(bn.backward(dy), np.ndarray)
+
+
+def test_layer_residual_without_running_stats_uses_batch_statistics():
+    x, r, gamma, beta, dy = make_inputs((6, 4, 9), 1, np.float64)
+    bn = fastbn.BatchNorm(4, relu=True, track_running_stats=False, affine=False,
+                          dtype=np.float64).eval()
+    y = bn(x, residual=r)
+    assert y.tobytes() == fastbn.batch_norm_add_relu_forward(x, r)[0].tobytes()
+    dx, dr = bn.backward(dy)
+    assert rel_err(dx, reference(x, r, np.ones(4), np.zeros(4), dy, 1)[1]) < 1e-12
+
+
+def test_layer_residual_errors_leave_the_layer_unchanged():
+    x, r, gamma, beta, dy = make_inputs((6, 4, 9), 1, np.float32)
+    bn = fastbn.BatchNorm(4, relu=True)
+    bn(x)
+    before = {k: v.copy() for k, v in bn.state_dict().items()}
+    dx_before = bn.backward(dy)
+    bad_x = x.copy()
+    bad_x[0, 2, 0] = np.nan
+    cases = [
+        (ValueError, "residual must have the shape of x", lambda: bn(x, residual=r[:, :, :3])),
+        (TypeError, "residual must have the dtype of x",
+         lambda: bn(x, residual=r.astype(np.float64))),
+        (FloatingPointError, r"channel\(s\) 2", lambda: bn(bad_x, residual=r)),
+        (ValueError, "residual= needs a layer with relu=True",
+         lambda: fastbn.BatchNorm(4)(x, residual=r)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+        for key, value in bn.state_dict().items():
+            assert value.tobytes() == before[key].tobytes(), key
+        assert bn.backward(dy).tobytes() == dx_before.tobytes()  # the last good context
