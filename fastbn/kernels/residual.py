@@ -164,7 +164,10 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
                 segment_dy = block_zero
                 segment_dy_xc = block_zero
                 for i in range(s0, min(width, s0 + SEGMENT)):
-                    g = load(dy_plane[i]) if load(y_plane[i]) > block_zero else block_zero
+                    # Both loads unconditional: a load under a branch blocks vectorization.
+                    g = load(dy_plane[i])
+                    if not load(y_plane[i]) > block_zero:
+                        g = block_zero
                     dr_plane[i] = encode(g, dr_plane[i])
                     segment_dy += g
                     segment_dy_xc += g * strict_sub(load(x_plane[i]), hi)
@@ -209,10 +212,18 @@ def rows_mask_partials(x, dy, y, mean_hi, n_row_chunks, n_blocks, dr,
                                   dr[row + 3, c0:c1])
                 for j in range(width):
                     h = hi_b[j]
-                    ga = load(ea[j]) if load(ya[j]) > zero else zero
-                    gb = load(eb[j]) if load(yb[j]) > zero else zero
-                    gc = load(ec[j]) if load(yc[j]) > zero else zero
-                    gd = load(ed[j]) if load(yd[j]) > zero else zero
+                    ga = load(ea[j])
+                    if not load(ya[j]) > zero:
+                        ga = zero
+                    gb = load(eb[j])
+                    if not load(yb[j]) > zero:
+                        gb = zero
+                    gc = load(ec[j])
+                    if not load(yc[j]) > zero:
+                        gc = zero
+                    gd = load(ed[j])
+                    if not load(yd[j]) > zero:
+                        gd = zero
                     fa[j] = encode(ga, fa[j])
                     fb[j] = encode(gb, fb[j])
                     fc[j] = encode(gc, fc[j])
@@ -227,7 +238,9 @@ def rows_mask_partials(x, dy, y, mean_hi, n_row_chunks, n_blocks, dr,
                 y_row = y[rr, c0:c1]
                 dr_row = dr[rr, c0:c1]
                 for j in range(width):
-                    g = load(dy_row[j]) if load(y_row[j]) > zero else zero
+                    g = load(dy_row[j])
+                    if not load(y_row[j]) > zero:
+                        g = zero
                     dr_row[j] = encode(g, dr_row[j])
                     block_dy[j] += g
                     block_dy_xc[j] += g * (load(x_row[j]) - hi_b[j])
