@@ -16,9 +16,10 @@ Formulas (per channel; ``x_hat``, ``mean``, ``inv_std`` as in
     dx      = gamma * inv_std / N * (N * dr - dbeta - x_hat * dgamma)
 
 In float32 and float64 the forward gives the same bits as the composition
-``np.maximum(batch_norm_forward(x, gamma, beta)[0] + residual, 0)`` (the same
-operations in the same order, rounded the same way); 16-bit data is computed
-in float32 and rounded once.  Conventions (dtypes, layouts, NaN, ``out=``)
+``np.maximum(batch_norm_forward(x, gamma, beta)[0] + residual, 0)``, and the
+backward those of ``batch_norm_backward`` applied to ``where(y > 0, dy, 0)``
+(the same operations in the same order; a test checks it); 16-bit data is
+computed in float32 and rounded once.  Conventions (dtypes, layouts, NaN, ``out=``)
 are those of :mod:`fastbn.functional`.
 """
 
