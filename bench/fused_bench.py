@@ -280,9 +280,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile peers")
     parser.add_argument("--bn-peers", action="store_true",
                         help="also batch norm alone: fastbn, torch.compile, oneDNN")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated subset of {','.join(PEERS)} (fused always runs)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    peers = [p for p in PEERS if not (args.no_compile and p == "compile")]
+    wanted = {"fused", *args.peers.split(",")}
+    unknown = wanted - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}")
+    peers = [p for p in PEERS if p in wanted and not (args.no_compile and p == "compile")]
     rows = run(QUICK_SHAPES if args.quick else SHAPES, peers, args.repeats, args.bn_peers,
                not args.no_compile)
     if args.json:
