@@ -452,6 +452,8 @@ class BatchNorm:
 
     def __call__(self, x, residual=None) -> np.ndarray:
         """Same as :meth:`forward`."""
+        if residual is None:
+            return self.forward(x)  # subclasses may override forward(x) alone
         return self.forward(x, residual)
 
     @staticmethod
