@@ -16,11 +16,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "Case", "CaseData", "DTYPES", "FULL_SHAPES", "QUICK_SHAPES", "parse_shape", "parse_shapes",
-    "make_data", "bytes_moved", "interleaved", "calibrate_number", "fmt_time", "case_grid",
+    "Case", "CaseData", "DTYPES", "SIXTEEN_BIT", "numpy_dtype", "parameter_dtype", "FULL_SHAPES",
+    "QUICK_SHAPES", "parse_shape", "parse_shapes", "make_data", "bytes_moved", "interleaved",
+    "calibrate_number", "fmt_time", "case_grid",
 ]
 
-DTYPES = {"float32": np.float32, "float64": np.float64, "f32": np.float32, "f64": np.float64}
+DTYPES = {"float32": "float32", "float64": "float64", "f32": "float32", "f64": "float64",
+          "float16": "float16", "f16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+#: 16-bit storage formats: data in 16 bits, parameters and statistics in float32.
+SIXTEEN_BIT = ("float16", "bfloat16")
+_ID_SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a case's data; bfloat16 is ``ml_dtypes.bfloat16`` (the bench
+    extra installs it; fastbn itself never imports it)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise RuntimeError("bfloat16 cases need ml_dtypes (pip install ml_dtypes, or the "
+                               "bench extra)") from exc
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def parameter_dtype(name: str) -> np.dtype:
+    """Parameters and running statistics: float32 for 16-bit data (PyTorch's mixed type)."""
+    return np.dtype(np.float32) if name in SIXTEEN_BIT else np.dtype(name)
 
 # The grid of ``make bench``: (shape, channel axis).
 FULL_SHAPES: list[tuple[tuple[int, ...], int]] = [
@@ -55,9 +78,11 @@ class Case:
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        object.__setattr__(self, "dtype", np.dtype(DTYPES.get(self.dtype, self.dtype)).name)
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        name = str(self.dtype)
+        name = DTYPES.get(name, name if name in DTYPES else np.dtype(self.dtype).name)
+        if name not in _ID_SUFFIX:
+            raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {name}")
+        object.__setattr__(self, "dtype", name)
         if not -len(self.shape) <= self.axis < len(self.shape):
             raise ValueError(f"axis {self.axis} out of range for shape {self.shape}")
 
@@ -71,7 +96,7 @@ class Case:
 
     @property
     def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
+        return self.size * (2 if self.dtype in SIXTEEN_BIT else np.dtype(self.dtype).itemsize)
 
     @property
     def layout(self) -> str:
@@ -93,7 +118,7 @@ class Case:
     @property
     def id(self) -> str:
         """Stable identifier, e.g. ``nhwc-32x56x56x64-f32``."""
-        return f"{self.layout}-{'x'.join(map(str, self.shape))}-f{self.dtype[-2:]}"
+        return f"{self.layout}-{'x'.join(map(str, self.shape))}-{_ID_SUFFIX[self.dtype]}"
 
     def to_dict(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype, "axis": self.axis,
@@ -147,16 +172,20 @@ class CaseData:
 def make_data(case: Case, seed: int = 0) -> CaseData:
     """Identical data for identical (case, seed) on any machine and any fastbn version."""
     rng = np.random.default_rng(seed)
-    dt = np.dtype(case.dtype).type
+    sixteen = case.dtype in SIXTEEN_BIT
+    dt = np.float32 if sixteen else np.dtype(case.dtype).type  # 16-bit: drawn in float32
+    pt = parameter_dtype(case.dtype).type
     c = case.channels
     x = rng.standard_normal(case.shape, dtype=dt)
     x *= dt(2.0)
     x += dt(0.5)
     dy = rng.standard_normal(case.shape, dtype=dt)
-    gamma = rng.uniform(0.5, 1.5, c).astype(dt)
-    beta = rng.standard_normal(c).astype(dt)
-    running_mean = (rng.standard_normal(c) * 0.1 + 0.5).astype(dt)
-    running_var = rng.uniform(3.0, 5.0, c).astype(dt)
+    if sixteen:
+        x, dy = x.astype(numpy_dtype(case.dtype)), dy.astype(numpy_dtype(case.dtype))
+    gamma = rng.uniform(0.5, 1.5, c).astype(pt)
+    beta = rng.standard_normal(c).astype(pt)
+    running_mean = (rng.standard_normal(c) * 0.1 + 0.5).astype(pt)
+    running_var = rng.uniform(3.0, 5.0, c).astype(pt)
     return CaseData(case, x, gamma, beta, dy, running_mean, running_var)
 
 

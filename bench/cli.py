@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from . import report
 from .cases import (
     FULL_SHAPES,
     QUICK_SHAPES,
+    SIXTEEN_BIT,
     Case,
     bytes_moved,
     fmt_time,
@@ -72,6 +74,12 @@ TARGETS = [
 #: and forward+backward at least FWDBWD_MIN_LARGE on inputs of >= 1 MiB.
 TORCH_MIN = 1.1
 FWDBWD_MIN_LARGE = 2.0
+#: 16-bit data: forward+backward at least this over PyTorch in the same format, and
+#: every operation at least SIXTEEN_BIT_OWN_MIN over fastbn's own float32 on inputs of
+#: at least SIXTEEN_BIT_LARGE_BYTES of 16-bit data (no slower than float32 below).
+SIXTEEN_BIT_TORCH_FWDBWD_MIN = 1.5
+SIXTEEN_BIT_OWN_MIN = 1.8
+SIXTEEN_BIT_LARGE_BYTES = 8 * 2**20
 
 
 def _parse_args(argv):
@@ -89,7 +97,10 @@ def _parse_args(argv):
                         "slow peer stops sampling (default 3)")
     p.add_argument("--shapes", help="e.g. '32x256 1024x4096 32x64x56x56 32x56x56x64:-1' "
                    "(':AXIS' sets the channel axis; default 1)")
-    p.add_argument("--dtypes", help="comma-separated, default float32,float64 (quick: float32)")
+    p.add_argument("--dtypes", help="comma-separated subset of float32,float64,float16,"
+                   "bfloat16 (the default; quick: float32).  16-bit cases use float32 "
+                   "parameters and add fastbn on float32 copies (fastbn_f32) for the "
+                   "speed-up over fastbn's own float32")
     p.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                    help=f"comma-separated subset of {','.join(PEER_NAMES)} (fastbn is always "
                         "included; missing packages are skipped)")
@@ -113,7 +124,13 @@ def _parse_args(argv):
         args.shape_list = parse_shapes(args.shapes)
     else:
         args.shape_list = QUICK_SHAPES if args.quick else FULL_SHAPES
-    args.dtype_list = (args.dtypes or ("float32" if args.quick else "float32,float64")).split(",")
+    default_dtypes = "float32" if args.quick else "float32,float64,float16,bfloat16"
+    args.dtype_list = [d.strip() for d in (args.dtypes or default_dtypes).split(",") if d.strip()]
+    if "bfloat16" in args.dtype_list and importlib.util.find_spec("ml_dtypes") is None:
+        if args.dtypes:
+            p.error("bfloat16 needs ml_dtypes (pip install ml_dtypes, or the bench extra)")
+        print("bench: ml_dtypes is not installed; bfloat16 cases skipped", file=sys.stderr)
+        args.dtype_list.remove("bfloat16")
     args.peer_list = [p.strip() for p in args.peers.split(",") if p.strip()]
     for name in args.peer_list:
         if name not in PEER_NAMES:
@@ -213,6 +230,8 @@ def run_case(case: Case, peer_names: list[str], ops: list[str], repeats: int, mi
              budget: float, check_peers: bool, progress: _Progress) -> dict:
     data = make_data(case, seed=0)
     peers, errors = {}, {}
+    if case.dtype in SIXTEEN_BIT and "fastbn" in peer_names:
+        peer_names = [*peer_names, "fastbn_f32"]  # the speed-up over fastbn's own float32
     for name in peer_names:
         try:
             peers[name] = make_peer(name, data)
@@ -324,6 +343,15 @@ def build_tables(result: dict) -> list[report.Table]:
             ["case"] + [SHORT[op] for op in ops] + [""], vs_torch,
             f"LOW marks a ratio below {TORCH_MIN}x, or forward+backward below "
             f"{FWDBWD_MIN_LARGE}x on an input of at least 1 MiB."))
+    sixteen = sixteen_bit_rows(result, ops)
+    if sixteen:
+        tables.append(report.Table(
+            "16-bit storage: speed-up over fastbn float32 (same values, same run), and "
+            "fwd+bwd over PyTorch in the same format",
+            ["case"] + [f"{SHORT[op]} vs f32" for op in ops] + ["fwd+bwd vs torch", ""], sixteen,
+            f"LOW marks a speed-up over float32 below {SIXTEEN_BIT_OWN_MIN}x on at least "
+            f"{SIXTEEN_BIT_LARGE_BYTES // 2**20} MiB of 16-bit data (below 1x on smaller "
+            f"inputs), or fwd+bwd below {SIXTEEN_BIT_TORCH_FWDBWD_MIN}x PyTorch."))
     targets = target_rows(result)
     if targets:
         tables.append(report.Table("targets (informational)",
@@ -339,11 +367,34 @@ def torch_ratio_rows(result: dict, ops: list[str]) -> list[list[str]]:
         if all(r is None for r in ratios.values()):
             continue
         large = c["bytes"] >= 2**20
+        sixteen = c["case"]["dtype"] in SIXTEEN_BIT
+        fwdbwd_min = SIXTEEN_BIT_TORCH_FWDBWD_MIN if sixteen else FWDBWD_MIN_LARGE
         low = [op for op, r in ratios.items() if r is not None and (
-            r < TORCH_MIN or (op == "fwdbwd" and large and r < FWDBWD_MIN_LARGE))]
+            r < TORCH_MIN or (op == "fwdbwd" and (large or sixteen) and r < fwdbwd_min))]
         rows.append([c["case"]["label"]]
                     + ["-" if r is None else f"{r:.2f}x" for r in ratios.values()]
                     + ["LOW: " + ", ".join(SHORT[op] for op in low) if low else "ok"])
+    return rows
+
+
+def sixteen_bit_rows(result: dict, ops: list[str]) -> list[list[str]]:
+    """One row per 16-bit case: its speed-up over fastbn on float32 copies of the same
+    values (interleaved in the same run) and over PyTorch in the same 16-bit format."""
+    rows = []
+    for c in result["cases"]:
+        if c["case"]["dtype"] not in SIXTEEN_BIT:
+            continue
+        own = {op: c["speedup"].get(op, {}).get("fastbn_f32") for op in ops}
+        vs_torch = c["speedup"].get("fwdbwd", {}).get("torch")
+        large = c["bytes"] >= SIXTEEN_BIT_LARGE_BYTES
+        low = [SHORT[op] for op, r in own.items() if r is not None and (
+            r < SIXTEEN_BIT_OWN_MIN if large else r < 1.0)]
+        if vs_torch is not None and vs_torch < SIXTEEN_BIT_TORCH_FWDBWD_MIN:
+            low.append("fwd+bwd vs torch")
+        rows.append([c["case"]["label"]]
+                    + ["-" if r is None else f"{r:.2f}x" for r in own.values()]
+                    + ["-" if vs_torch is None else f"{vs_torch:.2f}x"]
+                    + ["LOW: " + ", ".join(low) if low else "ok"])
     return rows
 
 
@@ -393,6 +444,8 @@ def main(argv=None) -> int:
 
     print(f"bench: {len(cases)} cases x {len(args.op_list)} operations, peers: "
           f"{', '.join(peers)}; {args.repeats} repeats", file=sys.stderr)
+    if "fastbn" in peers and any(c.dtype in SIXTEEN_BIT for c in cases):
+        peers = [*peers, "fastbn_f32"]  # run_case adds it on the 16-bit cases
     result: dict = {"peers": peers, "skipped_peers": skipped, "ops": args.op_list,
                     "repeats": args.repeats, "min_repeats": args.min_repeats,
                     "budget_s": args.budget, "cases": []}

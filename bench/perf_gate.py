@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import Case, case_grid, fmt_time, interleaved, make_data, paired_ratios
+from .cases import SIXTEEN_BIT, Case, case_grid, fmt_time, interleaved, make_data, paired_ratios
 from .peers import check_peer, make_peer
 
 THRESHOLDS = Path(__file__).resolve().parent / "perf_gate_thresholds.json"
@@ -54,12 +54,29 @@ GATE_CASES: dict[str, tuple[Case, str]] = case_grid([
     # costs about 10 us per call and must trip these.
     (Case((100, 100), "float32"), "fwdbwd"),
     (Case((4, 8), "float32"), "fwdbwd"),
+    # 16-bit storage against fastbn's own float32 on the same values (the NumPy
+    # reference has no 16-bit version): a conversion that stops vectorizing, a
+    # widening to float64 or the software float16 path (FASTBN_SOFTWARE_F16=1)
+    # loses the speed-up that halving the bytes buys.
+    (Case((32, 64, 56, 56), "float16"), "fwdbwd"),
+    (Case((32, 64, 56, 56), "bfloat16"), "fwdbwd"),
 ])
 
 #: Per-case threshold fraction where 60 % would not catch the regression the
 #: case exists for: at (100, 100) parallel launches cost "only" ~35 % of the
 #: ratio under the tbb layer, so the threshold sits at 75 % of the quiet ratio.
 CASE_FRACTION: dict[str, float] = {"fc-100x100-f32/fwdbwd": 0.75}
+
+
+def baseline_peer(case_id: str) -> str:
+    """What a case's speed-up is measured against: the NumPy reference, or for 16-bit
+    data fastbn itself on float32 copies of the same values (``fastbn_f32``)."""
+    return "fastbn_f32" if GATE_CASES[case_id][0].dtype in SIXTEEN_BIT else "numpy"
+
+
+def baseline_name(case_id: str) -> str:
+    return ("fastbn's own float32" if baseline_peer(case_id) == "fastbn_f32"
+            else "the NumPy reference")
 
 
 def threshold_fraction(case_id: str) -> float:
@@ -91,23 +108,27 @@ def evaluate(ratios: dict[str, float], thresholds: dict[str, float],
         extra = f" ({details[case_id]})" if case_id in details else ""
         if threshold is None:
             verdicts.append(Verdict(case_id, ratio, None, True,
-                                    f"NOTE {case_id}: {ratio:.2f}x the NumPy reference{extra}; "
+                                    f"NOTE {case_id}: {ratio:.2f}x {_against(case_id)}{extra}; "
                                     "no committed threshold, not gated"))
             continue
         passed = bool(ratio >= threshold)  # False for NaN
         if passed:
-            msg = (f"PASS {case_id}: fastbn {ratio:.2f}x faster than the NumPy reference"
+            msg = (f"PASS {case_id}: fastbn {ratio:.2f}x faster than {_against(case_id)}"
                    f"{extra}, threshold {threshold:.2f}x")
         else:
             quiet = measured.get(case_id)
             quiet_txt = f", {quiet:.2f}x on a quiet run" if quiet else ""
-            msg = (f"FAIL {case_id}: fastbn is only {ratio:.2f}x as fast as the NumPy reference"
+            msg = (f"FAIL {case_id}: fastbn is only {ratio:.2f}x as fast as {_against(case_id)}"
                    f"{extra}, below the committed threshold {threshold:.2f}x{quiet_txt}. "
                    "A drop like this means lost parallelism, a slow (non-vectorized) kernel, a "
                    "float64 upcast or a fallback to NumPy; thresholds live in "
                    "bench/perf_gate_thresholds.json")
         verdicts.append(Verdict(case_id, ratio, threshold, passed, msg))
     return verdicts
+
+
+def _against(case_id: str) -> str:
+    return baseline_name(case_id) if case_id in GATE_CASES else "the NumPy reference"
 
 
 def load_thresholds(path: Path = THRESHOLDS) -> tuple[dict[str, float], dict[str, float]]:
@@ -125,7 +146,7 @@ def measure(case_ids: list[str], repeats: int, log=print) -> dict[str, dict]:
     for case_id in case_ids:
         case, op = GATE_CASES[case_id]
         data = make_data(case, seed=0)
-        fast, ref = make_peer("fastbn", data), make_peer("numpy", data)
+        fast, ref = make_peer("fastbn", data), make_peer(baseline_peer(case_id), data)
         check_peer(fast)  # a fast but wrong kernel must not pass the gate
         with np.errstate(all="ignore"):
             t = interleaved({"fastbn": fast.op(op), "numpy": ref.op(op)}, repeats,
@@ -140,7 +161,8 @@ def measure(case_ids: list[str], repeats: int, log=print) -> dict[str, dict]:
             "numpy_times": t["numpy"]["times"],
         }
         log(f"  measured {case_id}: {out[case_id]['ratio']:.2f}x "
-            f"(fastbn {fmt_time(t['fastbn']['median'])}, NumPy {fmt_time(t['numpy']['median'])})")
+            f"(fastbn {fmt_time(t['fastbn']['median'])}, {baseline_peer(case_id)} "
+            f"{fmt_time(t['numpy']['median'])})")
         del fast, ref, data
     return out
 
@@ -153,6 +175,8 @@ def _env_note() -> str:
     notes = [f"fastbn from {Path(fastbn.__file__).parent}", f"{numba.get_num_threads()} threads"]
     if os.environ.get("FASTBN_SLOW_FALLBACK"):
         notes.append("FASTBN_SLOW_FALLBACK is set (serial kernels, no fastmath)")
+    if os.environ.get("FASTBN_SOFTWARE_F16"):
+        notes.append("FASTBN_SOFTWARE_F16 is set (float16 converted by integer code)")
     if os.environ.get("FASTBN_SERIAL_BELOW"):
         notes.append(f"FASTBN_SERIAL_BELOW={os.environ['FASTBN_SERIAL_BELOW']} (small-input "
                      "threshold of the serial kernels)")
@@ -232,6 +256,10 @@ def main(argv=None) -> int:
             print(f"  {case_id:36s} measured {', '.join(f'{v:.2f}' for v in values)} -> "
                   f"threshold {doc['cases'][case_id]['threshold']:.2f}x")
         if args.write_thresholds:
+            if args.cases and thresholds_path.exists():  # recalibrate these, keep the rest
+                kept = json.loads(thresholds_path.read_text())["cases"]
+                doc["cases"] = {**kept, **doc["cases"]}
+                doc["calibrated"]["cases"] = case_ids
             thresholds_path.write_text(json.dumps(doc, indent=2) + "\n")
             print(f"perf-gate: wrote {thresholds_path}")
         return 0
@@ -254,7 +282,7 @@ def main(argv=None) -> int:
             else:
                 results[c]["retry_ratio"] = again[c]["ratio"]
     details = {
-        c: f"median fastbn {fmt_time(r['fastbn_median_s'])} vs NumPy "
+        c: f"median fastbn {fmt_time(r['fastbn_median_s'])} vs {baseline_peer(c)} "
            f"{fmt_time(r['numpy_median_s'])}, {OP_NAMES[GATE_CASES[c][1]]} "
            f"{GATE_CASES[c][0].label}"
         for c, r in results.items()

@@ -35,7 +35,7 @@ DRIVERS = (
     "moments_rows", "moments_planes",
 )
 VARIANTS = {"parallel": kernels.PARALLEL, "serial": kernels.SERIAL}
-DTYPES = (np.float32, np.float64)
+DTYPES = (np.float32, np.float64, np.float16, "bfloat16")
 
 
 def _dispatchers():
@@ -63,17 +63,30 @@ def _cache_writable(path: str | None) -> bool:
 
 def _warm_calls(x: np.ndarray) -> None:
     """Every public operation on ``x`` (whose shape picks the layout and the variant)."""
-    dtype = x.dtype
+    sixteen = x.dtype.itemsize == 2
+    dtype = np.dtype(np.float32) if sixteen else x.dtype  # 16-bit data: float32 parameters
     n_channels = x.shape[1]
     gamma = np.ones(n_channels, dtype)
-    y, ctx = fastbn.batch_norm_forward(x, gamma, gamma)
-    fastbn.batch_norm_backward(y, ctx)
+    y = np.empty_like(x)  # out=: keeps bfloat16's marked bits marked
+    _, ctx = fastbn.batch_norm_forward(x, gamma, gamma, out=y)
+    fastbn.batch_norm_backward(y, ctx, out=np.empty_like(x))
     mean, var = fastbn.batch_stats(x)
     # running statistics in the data's dtype (the layer) and in float64 (from batch_stats)
-    fastbn.batch_norm_inference(x, mean.astype(dtype), var.astype(dtype), gamma, gamma)
-    _, ctx = fastbn.batch_norm_inference(x, mean, var, gamma, gamma, return_context=True)
+    fastbn.batch_norm_inference(x, mean.astype(dtype), var.astype(dtype), gamma, gamma,
+                                out=np.empty_like(x))
+    _, ctx = fastbn.batch_norm_inference(x, mean, var, gamma, gamma, return_context=True,
+                                         out=np.empty_like(x))
     sums = fastbn.functional.batch_norm_backward_reduce(y, ctx)
-    fastbn.functional.batch_norm_backward_apply(y, ctx, *sums)
+    fastbn.functional.batch_norm_backward_apply(y, ctx, *sums, out=np.empty_like(x))
+
+
+def _warm_data(shape, dtype) -> np.ndarray:
+    """Data of ``dtype`` ("bfloat16": its bits, marked for fastbn; no ml_dtypes needed)."""
+    values = np.linspace(-1, 1, math.prod(shape), dtype=np.float32).reshape(shape)
+    if dtype == "bfloat16":
+        bits = (values.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+        return fastbn.functional._bfloat16_bits(bits)
+    return values.astype(dtype)
 
 
 def warmup(verbose: bool = True) -> dict:
@@ -89,12 +102,13 @@ def warmup(verbose: bool = True) -> dict:
     large = SMALL_PROBLEM
     for dtype in DTYPES:
         for shape in ((4, 3), (2, 3, 5), (large // 4, 4), (2, 4, large // 8)):
-            x = np.linspace(-1, 1, math.prod(shape), dtype=dtype).reshape(shape)
+            x = _warm_data(shape, dtype)
             _warm_calls(x)
             x.flags.writeable = False
             _warm_calls(x)
-        layer = fastbn.BatchNorm(3, dtype=dtype)
-        layer(np.linspace(-1, 1, 12, dtype=dtype).reshape(4, 3))
+        if dtype in (np.float32, np.float64):
+            layer = fastbn.BatchNorm(3, dtype=dtype)
+            layer(np.linspace(-1, 1, 12, dtype=dtype).reshape(4, 3))
     elapsed = time.perf_counter() - started
     hits = misses = 0
     for _, dispatcher in _dispatchers():
@@ -155,6 +169,10 @@ def info() -> None:
         ("cache directory", f"{_config.CACHE_DIR} "
          f"({'writable' if _cache_writable(_config.CACHE_DIR) else 'not writable'})"),
         ("slow fallback", "ON (FASTBN_SLOW_FALLBACK)" if _config.SLOW_FALLBACK else "off"),
+        ("float16 conversion", "the CPU's instructions (F16C or native)" if _config.F16_HARDWARE
+         else "exact integer code (" + ("FASTBN_SOFTWARE_F16" if _config.SOFTWARE_F16
+                                        else "no F16C on the compile target") + ")"),
+        ("data dtypes", "float32, float64, float16, bfloat16 (parameters float32/float64)"),
     ]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:

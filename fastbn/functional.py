@@ -79,6 +79,17 @@ _FORMAT_NAMES = {_F32: "float32", _F64: "float64", _F16_BITS: "float16", _BF16_B
 _SIXTEEN_BIT = (_F16_BITS, _BF16_BITS)
 
 
+class _BFloat16Bits(np.ndarray):
+    """The int16 bits of bfloat16 data, marked as such: how callers without ml_dtypes
+    (fastbn.torch, whose bfloat16 tensors NumPy cannot hold) pass bfloat16 arrays and
+    ``out=`` buffers.  Not public: a plain int16 array is never taken for bfloat16."""
+
+
+def _bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """An int16 array of bfloat16 bits, marked for fastbn (no copy)."""
+    return bits.view(_BFloat16Bits)
+
+
 def _is_bfloat16(dtype: np.dtype) -> bool:
     return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
 
@@ -255,6 +266,12 @@ def _as_data(x, name: str) -> np.ndarray:
             flags = x.flags
             if flags.c_contiguous and flags.writeable:
                 return x  # the fast path
+    elif type(x) is _BFloat16Bits:
+        x = x.view(np.ndarray)  # int16: already the kernels' view of bfloat16
+        if x.dtype != _BF16_BITS or x.ndim < 2 or x.size == 0 or not x.flags.c_contiguous:
+            raise ValueError(f"{name}: marked bfloat16 bits must be a C-contiguous int16 "
+                             f"array of ndim >= 2, got {x.dtype} {x.shape}")
+        return x if x.flags.writeable else np.asarray(_ReadOnlyAlias(x))
     elif x is None:
         raise TypeError(f"{name} must be an array, got None")
     elif isinstance(x, np.ma.MaskedArray):
@@ -342,16 +359,12 @@ def _kernel_arrays(like: np.dtype, *arrays):
     workspace); float64 copies otherwise -- so each data dtype compiles at
     most two signatures.  None becomes a length-0 array (no affine).
     """
-    common = like
-    for a in arrays:
-        if a is not None and not (a.dtype is like and a.flags.c_contiguous
-                                  and a.flags.writeable):
-            common = _F64
-            break
-    empty = _NO_PARAMETER[common]
-    if common is like:
-        return [empty if a is None else a for a in arrays]
-    return [empty if a is None else np.array(a, dtype=_F64) for a in arrays]
+    ready = all(a is None or (a.dtype is like and a.flags.c_contiguous and a.flags.writeable)
+                for a in arrays)
+    if ready:
+        return [_NO_PARAMETER[like] if a is None else a for a in arrays]
+    # (also when ``like`` is float64: a big-endian or strided float64 array is copied)
+    return [_NO_PARAMETER[_F64] if a is None else np.array(a, dtype=_F64) for a in arrays]
 
 
 def _is_kernel_ready(a, like: np.dtype, n_channels: int) -> bool:
@@ -379,9 +392,14 @@ def _check_out(out, name: str, shape: tuple, dtype: np.dtype, *inputs) -> np.nda
     """A validated ``out=`` buffer for data of kernel dtype ``dtype``, as the kernels see it."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    marked = type(out) is _BFloat16Bits
+    if marked:
+        out = out.view(np.ndarray)
+        if dtype != _BF16_BITS or out.dtype != _BF16_BITS:
+            raise TypeError(f"{name} must have dtype {_FORMAT_NAMES[dtype]}, got bfloat16")
     if out.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if _kernel_dtype(out.dtype) != dtype or not out.dtype.isnative:
+    if not (marked or _kernel_dtype(out.dtype) == dtype) or not out.dtype.isnative:
         raise TypeError(f"{name} must have dtype {_FORMAT_NAMES[dtype]}, got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")

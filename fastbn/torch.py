@@ -10,18 +10,27 @@ The modules *are* ``torch.nn.BatchNorm*d`` (subclasses): ``isinstance``,
 ``state_dict`` keys, ``load_state_dict``, ``.to(dtype)``, ``train()``/``eval()``,
 hooks and optimizers behave as usual; only the arithmetic changes.
 
-Where fastbn runs: CPU float32/float64 tensors that are contiguous, or
-``channels_last``/``channels_last_3d`` (mapped to fastbn's ``axis=-1`` through
-a zero-copy NumPy view), of at least :data:`TORCH_BELOW` elements in eager
-mode.  Anything else -- CUDA, float16/bfloat16, other strides -- falls back to
-``torch.nn.BatchNorm*d.forward`` with identical semantics; so do small eager
-inputs, where the Python glue around fastbn's kernels costs more than the
+Where fastbn runs: CPU float32/float64/bfloat16/float16 tensors that are
+contiguous, or ``channels_last``/``channels_last_3d`` (mapped to fastbn's
+``axis=-1`` through a zero-copy NumPy view), of at least :data:`TORCH_BELOW`
+elements in eager mode.  16-bit data may come with float32 parameters and
+running statistics (PyTorch's mixed type, what ``torch.autocast`` hands a batch
+norm) or with 16-bit ones (a module made 16-bit with ``.to(torch.bfloat16)``:
+they are widened to float32 for the kernels, exactly, and autograd casts the
+gradients back); bfloat16 reaches the kernels as its int16 bits, so ml_dtypes
+is not needed.  Anything else -- CUDA, other strides, other dtype mixes -- falls
+back to ``torch.nn.BatchNorm*d.forward`` with identical semantics; so do small
+eager inputs, where the Python glue around fastbn's kernels costs more than the
 kernels save (their running statistics keep fastbn's guard, below).
 
-Autograd goes through ``torch.library.custom_op`` (``fastbn::batch_norm`` and
-its backward) with ``register_autograd`` and fake implementations, so
-``torch.compile`` sees one opaque op instead of a graph break.  Double
-backward is not supported (it raises, naming ``torch.nn.BatchNorm2d``).
+Outputs are tensors allocated here and written by the kernels through ``out=``,
+never views, so an in-place op after the batch norm (``nn.ReLU(inplace=True)``)
+works in every layout.  Eager autograd goes through a ``torch.autograd.Function``;
+``torch.library.custom_op`` (``fastbn::batch_norm`` and its backward) with fake
+implementations serves ``torch.compile`` when :data:`COMPILE_WITH` is
+``"fastbn"`` (by default a compiled module runs PyTorch's batch norm, which
+inductor fuses).  Double backward is not supported (it raises, naming
+``torch.nn.BatchNorm2d``).
 
 Semantics are PyTorch's (momentum and ``momentum=None``, ``num_batches_tracked``,
 unbiased running variance, ``track_running_stats=False``, ``affine=False``, the
@@ -33,6 +42,8 @@ untouched and warns once, instead of poisoning them for good
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 
 import numpy as np
@@ -46,7 +57,11 @@ from .functional import BatchNormContext
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
            "TorchDistributedCommunicator", "TORCH_BELOW"]
 
-_FLOATS = (torch.float32, torch.float64)
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: 16-bit data: parameters and running statistics float32 (PyTorch's "mixed type").
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+#: Running-statistics dtypes the small-input guard checks through NumPy views.
+_GUARD_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 #: Eager-mode inputs with fewer elements than this run PyTorch's own batch norm
@@ -62,6 +77,12 @@ _FLOATS = (torch.float32, torch.float64)
 #: fastbn's custom op runs at every size.
 #: ``FASTBN_TORCH_BELOW`` overrides it; 0 sends every input to fastbn.
 TORCH_BELOW: int = _config.env_count("FASTBN_TORCH_BELOW", 1 << 18)
+#: What a converted module runs under ``torch.compile``: ``"torch"`` (the default),
+#: PyTorch's batch norm, which inductor fuses with its neighbours, with fastbn's guard of
+#: the running statistics; or ``"fastbn"``, fastbn's kernels as one opaque custom op.
+#: Measured on a CIFAR ResNet-18 training step (bench/torch_bench.py), see the docs.
+#: ``FASTBN_TORCH_COMPILE`` sets it.
+COMPILE_WITH: str = os.environ.get("FASTBN_TORCH_COMPILE", "torch").strip() or "torch"
 _DOUBLE_BACKWARD = ("fastbn's batch norm does not support double backward (gradients of "
                     "gradients); use torch.nn.BatchNorm2d (or 1d/3d) for that model")
 
@@ -85,21 +106,51 @@ def _fastbn_layout(x: torch.Tensor):
 
 
 def _to_numpy(x: torch.Tensor, layout: str) -> tuple[np.ndarray, int]:
-    if layout == "contiguous":
-        return x.detach().numpy(), 1
-    order = (0, *range(2, x.dim()), 1)  # N, spatial..., C: contiguous for channels_last
-    return x.detach().permute(*order).numpy(), -1
+    x = x.detach()
+    axis = 1
+    if layout != "contiguous":
+        x = x.permute(0, *range(2, x.dim()), 1)  # N, spatial..., C: contiguous for channels_last
+        axis = -1
+    if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, marked for fastbn
+        return _fn._bfloat16_bits(x.view(torch.int16).numpy()), axis
+    return x.numpy(), axis
+
+
+def _memory_format(layout: str, ndim: int) -> torch.memory_format:
+    if layout != "channels_last":
+        return torch.contiguous_format
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A fresh tensor shaped and laid out like ``x`` and its zero-copy NumPy view, for a
+    kernel's ``out=``.  Returning this tensor, rather than a permuted ``from_numpy``
+    tensor, matters: a permute is a view, and autograd refuses in-place ops on views
+    made inside a custom Function (``nn.ReLU(inplace=True)`` after the batch norm)."""
+    tensor = torch.empty_like(x, memory_format=_memory_format(layout, x.dim()))
+    return tensor, _to_numpy(tensor, layout)[0]
 
 
 def _from_numpy(array: np.ndarray, layout: str, ndim: int) -> torch.Tensor:
+    """``array`` (fastbn's layout) as an N, C, spatial... tensor sharing its memory.  Never
+    a view of another tensor (see :func:`_empty_output`): channels-last gets its strides
+    through ``set_`` on the array's storage instead of a permute."""
     tensor = torch.from_numpy(array)
     if layout == "contiguous":
         return tensor
-    return tensor.permute(0, ndim - 1, *range(1, ndim - 1))  # back to N, C, spatial...
+    order = (0, ndim - 1, *range(1, ndim - 1))  # back to N, C, spatial...
+    return tensor.new_empty(0).set_(tensor.untyped_storage(), 0,
+                                    [tensor.shape[i] for i in order],
+                                    [tensor.stride(i) for i in order])
 
 
 def _parameter(t):
-    return None if t is None else t.detach().numpy()
+    """A parameter or running statistic as NumPy; 16-bit ones (a module made 16-bit with
+    ``.to(torch.bfloat16)``) widened to float32, which holds them exactly."""
+    if t is None:
+        return None
+    t = t.detach()
+    return (t.float() if t.dtype in _SIXTEEN_BIT else t).numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -111,9 +162,10 @@ def _forward_impl(x, weight, bias, eps):
     """Training-mode batch norm: ``(y, stats)``, stats the float64 (5, C) workspace."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
-    y, ctx = _fn.batch_norm_forward(array, _parameter(weight), _parameter(bias), eps=eps,
-                                    axis=axis)
-    return _from_numpy(y, layout, x.dim()), torch.from_numpy(ctx._stats)
+    y, out = _empty_output(x, layout)
+    _, ctx = _fn.batch_norm_forward(array, _parameter(weight), _parameter(bias), eps=eps,
+                                    axis=axis, out=out)
+    return y, torch.from_numpy(ctx._stats)
 
 
 @torch.library.custom_op("fastbn::batch_norm", mutates_args=())
@@ -132,24 +184,28 @@ def _backward_impl(dy, x, stats, has_weight, has_bias):
     """``(dx, dweight, dbias)`` from the forward's input and statistics (two sweeps)."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
-    dy = dy.contiguous(memory_format=torch.channels_last if layout == "channels_last"
-                       and x.dim() == 4 else torch.channels_last_3d
-                       if layout == "channels_last" else torch.contiguous_format)
-    dy_array, _ = _to_numpy(dy, layout)
+    dy_array, _ = _to_numpy(dy.contiguous(memory_format=_memory_format(layout, x.dim())),
+                            layout)
     stats_array = stats.numpy()
     n_channels = stats_array.shape[1]
-    dtype = array.dtype
+    # gradients of the parameters in the compute dtype (float32 for 16-bit data);
+    # autograd casts them to the parameters' own dtype
+    dtype = np.dtype(np.float32) if x.dtype in _SIXTEEN_BIT else array.dtype
     axis %= array.ndim
-    view, _ = _fn._layout(array, axis)
+    view, _ = _fn._layout(_fn._as_data(array, "x"), axis)
     # The context of the forward call, rebuilt from its saved workspace: no sweep.
     ctx = BatchNormContext(view, array.shape, axis, stats_array,
                            dtype if has_weight else None, dtype if has_bias else None,
                            False, True, array.size // n_channels)
-    dx, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx)
-    def as_tensor(grad):  # outputs must not alias each other: fresh zeros when absent
-        return torch.zeros(n_channels, dtype=x.dtype) if grad is None else torch.from_numpy(grad)
+    dx, out = _empty_output(x, layout)
+    _, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx, out=out)
 
-    return _from_numpy(dx, layout, x.dim()), as_tensor(dgamma), as_tensor(dbeta)
+    def as_tensor(grad):  # outputs must not alias each other: fresh zeros when absent
+        if grad is None:
+            return torch.zeros(n_channels, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+        return torch.from_numpy(grad)
+
+    return dx, as_tensor(dgamma), as_tensor(dbeta)
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
@@ -236,6 +292,14 @@ def _warn_nonfinite(stacklevel: int) -> None:
                       "them NaN)", RuntimeWarning, stacklevel=stacklevel)
 
 
+def _parameters_fit(weight, x: torch.Tensor) -> bool:
+    """fastbn runs parameters of the data's dtype, and float32 or 16-bit parameters
+    with 16-bit data (PyTorch's mixed type; what autocast and ``.to(bfloat16)`` make)."""
+    if weight is None or weight.dtype == x.dtype:
+        return True
+    return x.dtype in _SIXTEEN_BIT and weight.dtype in (torch.float32, *_SIXTEEN_BIT)
+
+
 class _FastBatchNormMixin:
     """The forward shared by the three modules (``self`` is a torch.nn.BatchNorm*d)."""
 
@@ -246,12 +310,17 @@ class _FastBatchNormMixin:
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < TORCH_BELOW and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x)
+        if x.numel() < TORCH_BELOW:
             return self._small_forward(x)  # first: every microsecond counts there
+        return self._fastbn_forward(x)
+
+    def _fastbn_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         layout = _fastbn_layout(x)
-        if layout is None or (self.weight is not None and self.weight.dtype != x.dtype):
-            return super().forward(x)  # CUDA, half precision, odd strides: PyTorch's own
+        if layout is None or not _parameters_fit(self.weight, x):
+            return super().forward(x)  # CUDA, odd strides, mismatched dtypes: PyTorch's own
         if not self._use_batch_stats():
             return self._inference(x, layout)
         if x.numel() // x.shape[1] < 2:
@@ -263,34 +332,102 @@ class _FastBatchNormMixin:
             self._update_running_stats(stats, x.numel() // x.shape[1])
         return y
 
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Under ``torch.compile``: by default PyTorch's forward, which inductor decomposes
+        and fuses with the convolutions, ReLUs and adds around it (fastbn's op is opaque to
+        it: a CIFAR ResNet-18 step trained at 0.90x compile(torch.nn) through it), plus the
+        finite guard as branch-free tensor ops on C values (fused into a tiny kernel).  No
+        warning here: a traced graph cannot warn on a tensor's value."""
+        if COMPILE_WITH == "fastbn":
+            return self._fastbn_forward(x)
+        if not (self.training and self.track_running_stats and self.running_mean is not None
+                and self.num_batches_tracked is not None):
+            return super().forward(x)
+        self._check_input_dim(x)
+        # torch.nn's forward, except that F.batch_norm updates copies of the running
+        # statistics: it saves the ones it is given for its backward, so writing the
+        # buffers themselves after it would fail autograd's version check.
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
+            else self.momentum
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
+        # Keep the update unless it made finite statistics non-finite (as _small_forward).
+        keep = (torch.isfinite(mean).all() & torch.isfinite(var).all()) \
+            | ~(torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all())
+        self.running_mean.copy_(torch.where(keep, mean, self.running_mean))
+        self.running_var.copy_(torch.where(keep, var, self.running_var))
+        self.num_batches_tracked.sub_((~keep).to(self.num_batches_tracked.dtype))
+        return y
+
     def _small_forward(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's own forward, for inputs too small for the glue to pay; a training
         batch that leaves the running statistics non-finite is undone (fastbn's one
-        deliberate difference holds at every size)."""
-        if not (self.training and self.track_running_stats and self.running_mean is not None
-                and self.running_mean.device.type == "cpu"):
+        deliberate difference holds at every size).
+
+        The guard must cost ~1% of a (64, 256) forward+backward (~100 us): a module
+        attribute costs ~1 us, ``tensor.numpy()`` ~1 us, ``np.isfinite(a).all()`` ~1.8 us,
+        so the NumPy views and backups are cached (:meth:`_guard_arrays`), the backup is
+        two C-value copies and the check one dot product (~0.8 us; a NaN or Inf anywhere
+        makes it non-finite, and only then the exact check runs)."""
+        if not (self.training and self.track_running_stats):
             return super().forward(x)
-        # NumPy views of the buffers: a copy and a check cost ~5 us, torch ops ~30.
-        buffers = [(b.detach() if b.requires_grad else b).numpy()
-                   for b in (self.running_mean, self.running_var, self.num_batches_tracked)]
-        saved = [b.copy() for b in buffers]
+        arrays = self._guard_arrays()
+        if arrays is None:
+            return super().forward(x)
+        mean, var, mean_before, var_before = arrays
+        mean_before[...] = mean
+        var_before[...] = var
         y = super().forward(x)
-        (mean, var, _), (mean_before, var_before, _) = buffers, saved
-        if not (np.isfinite(mean).all() and np.isfinite(var).all()) \
-                and np.isfinite(mean_before).all() and np.isfinite(var_before).all():
-            for buffer, before in zip(buffers, saved, strict=True):
-                buffer[...] = before
+        if not math.isfinite(np.dot(mean, var)) and not (
+                np.isfinite(mean).all() and np.isfinite(var).all()) and (
+                np.isfinite(mean_before).all() and np.isfinite(var_before).all()):
+            mean[...] = mean_before
+            var[...] = var_before
+            self.num_batches_tracked.sub_(1)
             _warn_nonfinite(stacklevel=6)  # the line that called the module
         return y
+
+    def _guard_arrays(self):
+        """``(running_mean, running_var, backup_mean, backup_var)`` as NumPy arrays, the
+        first two zero-copy views of the buffers; None where the guard cannot use NumPy
+        (no running statistics, not CPU, a dtype NumPy lacks).  Cached on the module and
+        rebuilt when a buffer is replaced (``.to()``, ``load_state_dict`` keeps them) or
+        its memory moves (``.data =``, a deep copy)."""
+        buffers = self._buffers
+        mean, var = buffers["running_mean"], buffers["running_var"]
+        cached = self.__dict__.get("_fastbn_guard")
+        if (cached is not None and cached[0] is mean and cached[1] is var
+                and cached[2] == mean.data_ptr() and cached[3] == var.data_ptr()):
+            return cached[4]
+        arrays = None
+        if (mean is not None and var is not None and mean.device.type == "cpu"
+                and var.device.type == "cpu" and mean.dtype in _GUARD_DTYPES
+                and var.dtype in _GUARD_DTYPES and buffers.get("num_batches_tracked") is not None):
+            mean_array, var_array = mean.detach().numpy(), var.detach().numpy()
+            arrays = (mean_array, var_array, mean_array.copy(), var_array.copy())
+        self.__dict__["_fastbn_guard"] = (mean, var, mean.data_ptr() if mean is not None else 0,
+                                          var.data_ptr() if var is not None else 0, arrays)
+        return arrays
+
+    def __getstate__(self):
+        # The guard's cache holds NumPy views of this module's buffers: never pickle or
+        # deep-copy it (a copy would be a cache of arrays no longer sharing the memory).
+        state = super().__getstate__()
+        if "_fastbn_guard" in state:
+            state = dict(state)
+            del state["_fastbn_guard"]
+        return state
 
     def _inference(self, x, layout):
         if torch.is_grad_enabled() and x.requires_grad:
             return super().forward(x)  # eval-mode gradients: PyTorch's path
         array, axis = _to_numpy(x, layout)
-        y = _fn.batch_norm_inference(array, self.running_mean.detach().numpy(),
-                                     self.running_var.detach().numpy(), _parameter(self.weight),
-                                     _parameter(self.bias), eps=float(self.eps), axis=axis)
-        return _from_numpy(y, layout, x.dim())
+        y, out = _empty_output(x, layout)
+        _fn.batch_norm_inference(array, _parameter(self.running_mean),
+                                 _parameter(self.running_var), _parameter(self.weight),
+                                 _parameter(self.bias), eps=float(self.eps), axis=axis, out=out)
+        return y
 
     @torch.no_grad()
     def _update_running_stats(self, stats: torch.Tensor, count: int) -> None:
@@ -318,7 +455,8 @@ class _FastBatchNormMixin:
         """Eager fast path: fastbn's update kernel on zero-copy views of the buffers (one
         call instead of a dozen small torch ops).  False when it does not apply."""
         buffers = (self.running_mean, self.running_var)
-        if any(b.device.type != "cpu" or b.dtype not in _FLOATS or not b.is_contiguous()
+        if any(b.device.type != "cpu" or b.dtype not in (torch.float32, torch.float64)
+               or not b.is_contiguous()
                for b in buffers) or stats.dtype != torch.float64:
             return False
         from .kernels import BAD_BATCH_STATS, update_running_stats
@@ -395,34 +533,42 @@ class _SyncFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module):
         from .distributed import sync_forward
 
-        layout = _fastbn_layout(x)
-        array, axis = _to_numpy(x, layout) if x.numel() else (x.detach().numpy(), 1)
+        layout = _fastbn_layout(x) if x.numel() else "contiguous"
+        array, axis = _to_numpy(x, layout)
         fingerprint = (module.num_features, x.element_size(), x.dim(), float(module.eps) * 1e5)
         y, fctx, mean, var, count = sync_forward(
             array, _parameter(weight), _parameter(bias), float(module.eps),
             axis % max(array.ndim, 1), False, module._communicator(), fingerprint)
         ctx.fctx, ctx.layout, ctx.module, ctx.ndim = fctx, layout, module, x.dim()
+        ctx.grad_dtype = weight.dtype if weight is not None else torch.float32
         module._last_global = (mean, var, count)
-        return _from_numpy(y, layout, x.dim()) if x.numel() else torch.from_numpy(y)
+        return _sync_output(y, layout, x)
 
     @staticmethod
     def backward(ctx, dy):
         from .distributed import sync_backward
 
         fctx = ctx.fctx
-        if isinstance(fctx, BatchNormContext):
-            dy = dy.contiguous(memory_format=torch.channels_last if ctx.layout == "channels_last"
-                               and ctx.ndim == 4 else torch.channels_last_3d
-                               if ctx.layout == "channels_last" else torch.contiguous_format)
-            dy_array, _ = _to_numpy(dy, ctx.layout)
-        else:
-            dy_array = dy.detach().numpy()
+        dy = dy.contiguous(memory_format=_memory_format(ctx.layout, ctx.ndim))
+        dy_array, _ = _to_numpy(dy, ctx.layout)
         dx, sum_dy, sum_dy_xc = sync_backward(dy_array, fctx, ctx.module._communicator())
-        dx = _from_numpy(dx, ctx.layout, ctx.ndim) if dy.numel() else torch.from_numpy(dx)
+        dx = _sync_output(dx, ctx.layout, dy)
         inv_std = fctx.inv_std if isinstance(fctx, BatchNormContext) else 0.0
-        dweight = torch.from_numpy(inv_std * sum_dy_xc).to(dy.dtype)
-        dbias = torch.from_numpy(sum_dy).to(dy.dtype)
+        dweight = torch.from_numpy(inv_std * sum_dy_xc).to(ctx.grad_dtype)
+        dbias = torch.from_numpy(sum_dy).to(ctx.grad_dtype)
         return dx, dweight, dbias, None
+
+
+def _sync_output(array: np.ndarray, layout: str, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's output (fastbn's layout) as a tensor shaped and laid out like ``like``;
+    bfloat16 bits are copied into a fresh bfloat16 tensor (a dtype view would be a view
+    made inside the Function, which in-place ops after it refuse)."""
+    if like.dtype != torch.bfloat16:
+        return _from_numpy(array, layout, like.dim()) if like.numel() else \
+            torch.from_numpy(array)
+    tensor = torch.empty_like(like, memory_format=_memory_format(layout, like.dim()))
+    _to_numpy(tensor, layout)[0][...] = array.view(np.int16)
+    return tensor
 
 
 class SyncBatchNorm(torch.nn.SyncBatchNorm):

@@ -139,19 +139,41 @@ def test_concurrent_python_threads_give_the_serial_results():
 
 
 def test_guard_thread_count_changes_a_naive_parallel_reduction(num_threads):
-    """The harness can fail: a plain ``prange`` sum (chunked by thread count) differs."""
+    """The harness can fail: a reduction chunked by the thread count differs with 1 and 2.
+
+    A plain ``prange`` sum would not prove it: its chunks are the scheduler's, and on busy
+    cores TBB may run them all on one thread, which gives the serial bits.  Here the
+    partition is explicit -- ``get_num_threads()`` chunks, each summed serially, partials
+    summed in order -- so the result depends on the thread count and on nothing else.
+    That is the design fastbn avoids (its chunks depend on the shape only); the test shows
+    that ``num_threads`` reaches the kernels, so equal bits above are not vacuous.
+    """
+    import numba
     from numba import njit, prange
 
     @njit(parallel=True)
-    def naive_sum(a):
-        s = np.float32(0)
-        for i in prange(a.size):
-            s += a[i]
-        return s
+    def sum_in_thread_count_chunks(a):
+        k = numba.get_num_threads()
+        step = (a.size + k - 1) // k
+        partials = np.zeros(k, dtype=np.float32)
+        for c in prange(k):
+            s = np.float32(0)
+            for i in range(c * step, min(a.size, (c + 1) * step)):
+                s += a[i]
+            partials[c] = s
+        total = np.float32(0)
+        for c in range(k):
+            total += partials[c]
+        return total
 
     a = np.random.default_rng(6).standard_normal(1 << 20).astype(np.float32) + 3
-    num_threads(1)
-    one = naive_sum(a)
-    num_threads(2)
-    two = naive_sum(a)
-    assert np.float32(one).tobytes() != np.float32(two).tobytes()
+    half = a.size // 2
+    serial = np.cumsum(a, dtype=np.float32)[-1]  # cumsum adds in order (no pairwise sum)
+    halves = (np.cumsum(a[:half], dtype=np.float32)[-1]
+              + np.cumsum(a[half:], dtype=np.float32)[-1])
+    assert serial.tobytes() != halves.tobytes()  # the data tells the two partitions apart
+    for _ in range(3):  # not a lucky draw of the scheduler: the same bits every time
+        num_threads(1)
+        assert np.float32(sum_in_thread_count_chunks(a)).tobytes() == serial.tobytes()
+        num_threads(2)
+        assert np.float32(sum_in_thread_count_chunks(a)).tobytes() == halves.tobytes()

@@ -15,17 +15,23 @@ from numba.extending import intrinsic
 
 from .._config import CACHE
 from .plan import PIVOT_VALUES
-from .storage import cast_like, load, zero_of
+from .storage import load, to_accumulator, zero_of
 
 # ---------------------------------------------------------------------------
 # Arithmetic that fastmath cannot touch.  The reductions are compiled with
 # reassociation (REDUCTION_FASTMATH), which is what lets LLVM split a scalar
 # accumulator into vector lanes.  Flags live on each LLVM instruction, so an
-# operation emitted here, without flags, keeps its exact IEEE rounding inside
+# operation emitted here, with only the inert ``arcp`` flag, keeps its exact IEEE rounding inside
 # such a loop: ``x - mean_hi`` is not rewritten into ``sum(x) - n * mean_hi``
 # (which would cancel away every digit at mean/std = 1e4), and the fused-ReLU
 # mask is computed with the forward's roundings, bit for bit.
 # ---------------------------------------------------------------------------
+
+
+#: Numba's fastmath pass adds the caller's flags to every float instruction that
+#: has none, so "flag-free" needs one flag that permits nothing here: ``arcp``
+#: (use a reciprocal instead of dividing) only concerns divisions.
+_STRICT = ("arcp",)
 
 
 @intrinsic
@@ -35,30 +41,29 @@ def strict_sub(typingctx, a, b):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.fsub(args[0], args[1])
+        return builder.fsub(args[0], args[1], flags=_STRICT)
 
     return a(a, b), codegen
 
 
 @intrinsic
-def strict_affine(typingctx, x, hi, lo, s, b):
-    """``((x - hi) - lo) * s + b`` with four IEEE roundings (the forward's own arithmetic)."""
+def relu_active(typingctx, x, hi, lo, s, b):
+    """True where the fused-ReLU forward's value before rounding,
+    ``((x - hi) - lo) * s + b``, was > 0: recomputed bit for bit, also inside a
+    reassociating reduction.  The comparison is flag-free too: with fast-math
+    flags on the ``fcmp``, LLVM may rewrite ``t * s + b > 0`` as ``t * s > -b``,
+    which flipped the mask of elements within an ulp of the kink (mean 1e4)."""
     if not (isinstance(x, types.Float) and x == hi == lo == s == b):
         return None
 
     def codegen(context, builder, signature, args):
         x_value, hi_value, lo_value, scale, shift = args
-        centred = builder.fsub(builder.fsub(x_value, hi_value), lo_value)
-        return builder.fadd(builder.fmul(centred, scale), shift)
+        centred = builder.fsub(builder.fsub(x_value, hi_value, flags=_STRICT), lo_value,
+                               flags=_STRICT)
+        value = builder.fadd(builder.fmul(centred, scale, flags=_STRICT), shift, flags=_STRICT)
+        return builder.fcmp_ordered(">", value, context.get_constant(x, 0.0), flags=_STRICT)
 
-    return x(x, hi, lo, s, b), codegen
-
-
-@njit(cache=CACHE, inline="always")
-def relu_active(x_value, hi, lo, s, b):
-    """True where the fused-ReLU forward's value before rounding was > 0 (recomputed
-    bit for bit, also inside a reassociating reduction)."""
-    return strict_affine(x_value, hi, lo, s, b) > 0
+    return types.boolean(x, hi, lo, s, b), codegen
 
 
 @njit(cache=CACHE, inline="always")
@@ -82,7 +87,7 @@ def grad_input(x_value, dy_value, hi, lo, s, b, inv_std, k_dy, k_const, k_xhat, 
 @njit(cache=CACHE, inline="always")
 def task_pivot(x, c, o0, i0, i1):
     """The shift of a planes reduction task: the mean of its first (up to PIVOT_VALUES)
-    values, in the compute type.
+    values, in the accumulation type (:func:`~.storage.to_accumulator`).
 
     Sums of ``x - pivot`` lose to cancellation in proportion to how far the pivot
     is from the mean (in standard deviations); a lone first value can be several
@@ -92,4 +97,4 @@ def task_pivot(x, c, o0, i0, i1):
     total = 0.0
     for i in range(i0, i0 + n):
         total += np.float64(load(x[o0, c, i]))
-    return cast_like(total / n, load(x[o0, c, i0]))
+    return to_accumulator(total / n, x)

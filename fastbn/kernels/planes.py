@@ -24,7 +24,7 @@ from .._config import REDUCTION_FASTMATH
 from ._build import kernel
 from .elementwise import grad_input, masked_grad, strict_sub, task_pivot
 from .plan import SEGMENT, plane_task
-from .storage import compute_zero, encode, load, zero_of
+from .storage import accumulator_zero, compute_zero, encode, load, to_accumulator, zero_of
 
 
 @kernel(parallel=True, fastmath=REDUCTION_FASTMATH)
@@ -47,7 +47,7 @@ def planes_moment_partials(x, n_outer_chunks, n_inner_chunks, part_mean, part_m2
                 segment_d = block_zero
                 segment_d2 = block_zero
                 for i in range(s0, min(width, s0 + SEGMENT)):
-                    d = strict_sub(load(plane[i]), pivot)
+                    d = strict_sub(to_accumulator(load(plane[i]), x), pivot)
                     segment_d += d
                     segment_d2 += d * d
                 sum_d += np.float64(segment_d)
@@ -104,7 +104,8 @@ def planes_grad_partials(
         lo = mean_lo[c]
         s = scale[c]
         b = shift[c]
-        block_zero = zero_of(hi)
+        hi_sum = to_accumulator(hi, x)
+        block_zero = accumulator_zero(x)
         sum_dy = 0.0
         sum_dy_xc = 0.0
         for o in range(o0, o1):
@@ -116,9 +117,9 @@ def planes_grad_partials(
                 segment_dy_xc = block_zero
                 for i in range(s0, min(width, s0 + SEGMENT)):
                     xv = load(x_plane[i])
-                    g = masked_grad(load(dy_plane[i]), xv, hi, lo, s, b, relu)
+                    g = to_accumulator(masked_grad(load(dy_plane[i]), xv, hi, lo, s, b, relu), x)
                     segment_dy += g
-                    segment_dy_xc += g * strict_sub(xv, hi)
+                    segment_dy_xc += g * strict_sub(to_accumulator(xv, x), hi_sum)
                 sum_dy += np.float64(segment_dy)
                 sum_dy_xc += np.float64(segment_dy_xc)
         part_sum_dy[chunk, c] = sum_dy

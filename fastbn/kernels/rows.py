@@ -17,7 +17,14 @@ from numba import prange
 from ._build import kernel
 from .elementwise import grad_input, masked_grad
 from .plan import CHANNEL_BLOCK, GROUP_MIN_CHANNELS, ROW_BLOCK, chunk_bounds
-from .storage import block_zeros, compute_empty, compute_zero, encode, load
+from .storage import (
+    accumulator_empty,
+    block_zeros,
+    compute_zero,
+    encode,
+    load,
+    to_accumulator,
+)
 
 #: Rows averaged for the pivot of a rows-reduction task (see ``task_pivot``).
 PIVOT_ROWS = 8
@@ -34,9 +41,9 @@ def rows_moment_partials(x, n_row_chunks, n_blocks, part_mean, part_m2, part_cou
         c0 = block * CHANNEL_BLOCK
         c1 = min(n_channels, c0 + CHANNEL_BLOCK)
         width = c1 - c0
-        # The pivot: the mean of the first rows (in the compute type), so that
-        # the float32 block sums of x - pivot cancel little (elementwise.task_pivot).
-        pivot = compute_empty(width, x)
+        # The pivot: the mean of the first rows (in the accumulation type), so
+        # that block sums of x - pivot cancel little (elementwise.task_pivot).
+        pivot = accumulator_empty(width, x)
         first = np.zeros(width)
         n_first = min(PIVOT_ROWS, r1 - r0)
         for r in range(r0, r0 + n_first):
@@ -62,17 +69,17 @@ def rows_moment_partials(x, n_row_chunks, n_blocks, part_mean, part_m2, part_cou
                 xd = x[r + 3, c0:c1]
                 for j in range(width):
                     p = pivot[j]
-                    da = load(xa[j]) - p
-                    db = load(xb[j]) - p
-                    dc = load(xc[j]) - p
-                    dd = load(xd[j]) - p
+                    da = to_accumulator(load(xa[j]), x) - p
+                    db = to_accumulator(load(xb[j]), x) - p
+                    dc = to_accumulator(load(xc[j]), x) - p
+                    dd = to_accumulator(load(xd[j]), x) - p
                     block_d[j] += (da + db) + (dc + dd)
                     block_d2[j] += (da * da + db * db) + (dc * dc + dd * dd)
                 r += 4
             for rr in range(r, b1):
                 xa = x[rr, c0:c1]
                 for j in range(width):
-                    da = load(xa[j]) - pivot[j]
+                    da = to_accumulator(load(xa[j]), x) - pivot[j]
                     block_d[j] += da
                     block_d2[j] += da * da
             for j in range(width):
@@ -177,18 +184,25 @@ def rows_grad_partials(
                     gb = masked_grad(load(gb_[j]), vb, h, lo, sc, sh, relu)
                     gc = masked_grad(load(gc_[j]), vc, h, lo, sc, sh, relu)
                     gd = masked_grad(load(gd_[j]), vd, h, lo, sc, sh, relu)
-                    block_dy[j] += (ga + gb) + (gc + gd)
-                    block_dy_xc[j] += (ga * (va - h) + gb * (vb - h)) + (
-                        gc * (vc - h) + gd * (vd - h))
+                    h_sum = to_accumulator(h, x)
+                    # the four-row sum in the compute type, then widened once (float32
+                    # data: as before the 16-bit work, ~1e-7 of four values)
+                    block_dy[j] += to_accumulator((ga + gb) + (gc + gd), x)
+                    block_dy_xc[j] += (
+                        ga * (to_accumulator(va, x) - h_sum) + gb * (to_accumulator(vb, x) - h_sum)
+                    ) + (
+                        gc * (to_accumulator(vc, x) - h_sum) + gd * (to_accumulator(vd, x) - h_sum)
+                    )
                 r += 4
             for rr in range(r, b1):
                 xa = x[rr, c0:c1]
                 ga_ = dy[rr, c0:c1]
                 for j in range(width):
                     va = load(xa[j])
-                    ga = masked_grad(load(ga_[j]), va, hi_b[j], lo_b[j], s_b[j], b_b[j], relu)
+                    ga = to_accumulator(
+                        masked_grad(load(ga_[j]), va, hi_b[j], lo_b[j], s_b[j], b_b[j], relu), x)
                     block_dy[j] += ga
-                    block_dy_xc[j] += ga * (va - hi_b[j])
+                    block_dy_xc[j] += ga * (to_accumulator(va, x) - to_accumulator(hi_b[j], x))
             for j in range(width):
                 sum_dy[j] += np.float64(block_dy[j])
                 sum_dy_xc[j] += np.float64(block_dy_xc[j])
