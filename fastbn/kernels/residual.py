@@ -71,7 +71,15 @@ from .plan import (
     planes_plan,
     rows_plan,
 )
-from .storage import block_zeros, compute_zero, encode, load, zero_of
+from .storage import (
+    accumulator_zero,
+    block_zeros,
+    compute_zero,
+    encode,
+    load,
+    to_accumulator,
+    zero_of,
+)
 
 # ---------------------------------------------------------------------------
 # Forward: normalize + add + ReLU (one sweep, no fastmath)
@@ -159,7 +167,9 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
             task, n_channels, n_outer_chunks, n_inner_chunks, outer, inner
         )
         hi = mean_hi[c]
-        block_zero = zero_of(hi)
+        zero = zero_of(hi)
+        hi_sum = to_accumulator(hi, x)
+        block_zero = accumulator_zero(x)
         sum_dy = 0.0
         sum_dy_xc = 0.0
         for o in range(o0, o1):
@@ -173,15 +183,15 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
                 for i in range(s0, s1):
                     # Both loads unconditional: a load under a branch blocks vectorization.
                     g = load(dy_plane[i])
-                    if not load(y_plane[i]) > block_zero:
-                        g = block_zero
+                    if not load(y_plane[i]) > zero:
+                        g = zero
                     dr_plane[i] = encode(g, dr_plane[i])
                 segment_dy = block_zero
                 segment_dy_xc = block_zero
                 for i in range(s0, s1):
-                    g = load(dr_plane[i])
+                    g = to_accumulator(load(dr_plane[i]), x)
                     segment_dy += g
-                    segment_dy_xc += g * strict_sub(load(x_plane[i]), hi)
+                    segment_dy_xc += g * strict_sub(to_accumulator(load(x_plane[i]), x), hi_sum)
                 sum_dy += np.float64(segment_dy)
                 sum_dy_xc += np.float64(segment_dy_xc)
         part_sum_dy[chunk, c] = sum_dy
@@ -228,19 +238,25 @@ def rows_mask_partials(x, dy, y, mean_hi, n_row_chunks, n_blocks, dr,
                 fa, fb, fc, fd = (dr[row, c0:c1], dr[row + 1, c0:c1], dr[row + 2, c0:c1],
                                   dr[row + 3, c0:c1])
                 for j in range(width):
-                    h = hi_b[j]
                     ga, gb, gc, gd = load(fa[j]), load(fb[j]), load(fc[j]), load(fd[j])
-                    block_dy[j] += (ga + gb) + (gc + gd)
-                    block_dy_xc[j] += (ga * (load(xa[j]) - h) + gb * (load(xb[j]) - h)) + (
-                        gc * (load(xc[j]) - h) + gd * (load(xd[j]) - h))
+                    h_sum = to_accumulator(hi_b[j], x)
+                    block_dy[j] += to_accumulator((ga + gb) + (gc + gd), x)
+                    block_dy_xc[j] += (
+                        ga * (to_accumulator(load(xa[j]), x) - h_sum)
+                        + gb * (to_accumulator(load(xb[j]), x) - h_sum)
+                    ) + (
+                        gc * (to_accumulator(load(xc[j]), x) - h_sum)
+                        + gd * (to_accumulator(load(xd[j]), x) - h_sum)
+                    )
                 row += 4
             for rr in range(row, b1):
                 x_row = x[rr, c0:c1]
                 dr_row = dr[rr, c0:c1]
                 for j in range(width):
-                    g = load(dr_row[j])
+                    g = to_accumulator(load(dr_row[j]), x)
                     block_dy[j] += g
-                    block_dy_xc[j] += g * (load(x_row[j]) - hi_b[j])
+                    block_dy_xc[j] += g * (to_accumulator(load(x_row[j]), x)
+                                           - to_accumulator(hi_b[j], x))
             for j in range(width):
                 sum_dy[j] += np.float64(block_dy[j])
                 sum_dy_xc[j] += np.float64(block_dy_xc[j])
