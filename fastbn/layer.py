@@ -60,6 +60,14 @@ What differs, and why:
   bad state dict, bad file) raises before anything is modified.
 * The layer keeps a reference to the last input (the backward needs it):
   do not modify ``x`` in place between forward and backward.
+* The fused residual block.  A ``relu=True`` layer takes the block's
+  identity branch: ``y = bn(x, residual=z)`` computes ``max(bn(x) + z, 0)``
+  in the two sweeps of a plain forward (:mod:`fastbn.residual`), and the
+  next :meth:`BatchNorm.backward` returns ``(dx, dz)``, one gradient per
+  input of that forward call.  The running statistics are those of ``x``,
+  updated exactly as without a residual.  After such a call the layer also
+  keeps a reference to ``y`` (the backward takes the ReLU mask from it):
+  modify neither ``x`` nor ``y`` in place before the backward call.
 """
 
 from __future__ import annotations
@@ -80,6 +88,12 @@ from .functional import (
     batch_norm_inference,
 )
 from .kernels import BAD_BATCH_STATS, OVERFLOW, update_running_stats
+from .residual import (
+    BatchNormAddReluContext,
+    batch_norm_add_relu_backward,
+    batch_norm_add_relu_forward,
+    batch_norm_add_relu_inference,
+)
 
 __all__ = ["BatchNorm"]
 
@@ -379,8 +393,13 @@ class BatchNorm:
             )
         return x
 
-    def forward(self, x) -> np.ndarray:
+    def forward(self, x, residual=None) -> np.ndarray:
         """Normalize ``x`` (training or eval mode, see the class docstring); returns ``y``.
+
+        With ``residual`` (only for ``relu=True`` layers): the fused residual
+        block ``y = max(bn(x) + residual, 0)``; ``residual`` must have the
+        shape and dtype of ``x``, and the next :meth:`backward` returns
+        ``(dx, dresidual)``.
 
         ``x`` must have the layer's dtype, at least 2 dimensions and
         ``num_features`` entries along ``axis``; a non-C-contiguous ``x`` is
@@ -391,6 +410,8 @@ class BatchNorm:
         statistics are NaN/Inf.
         """
         x = self._check_input(x)
+        if residual is not None:
+            return self._forward_residual(x, residual)
         # The functional calls copy the parameters into the context, so an
         # in-place update of self.weight/self.bias before backward() is safe.
         if not (self.training or not self._track_running_stats):
@@ -409,9 +430,31 @@ class BatchNorm:
         self._ctx = ctx
         return y
 
-    def __call__(self, x) -> np.ndarray:
+    def _forward_residual(self, x, residual) -> np.ndarray:
+        if not self._relu:
+            raise ValueError(f"residual= needs a layer with relu=True (the fused block is "
+                             f"max(bn(x) + residual, 0)); {self!r} has relu=False: add the "
+                             f"residual to its output yourself")
+        if not (self.training or not self._track_running_stats):
+            y, ctx = batch_norm_add_relu_inference(
+                x, residual, self.running_mean, self.running_var, self.weight, self.bias,
+                eps=self._eps, axis=self._axis, return_context=True)
+            self._ctx = ctx
+            return y
+        y, ctx = batch_norm_add_relu_forward(x, residual, self.weight, self.bias, eps=self._eps,
+                                             axis=self._axis)
+        if self.training and self._track_running_stats:
+            self._update_running_stats(ctx._stats, ctx.count)
+        else:
+            self._check_finite_statistics(ctx.mean, ctx.var)
+        self._ctx = ctx
+        return y
+
+    def __call__(self, x, residual=None) -> np.ndarray:
         """Same as :meth:`forward`."""
-        return self.forward(x)
+        if residual is None:
+            return self.forward(x)  # subclasses may override forward(x) alone
+        return self.forward(x, residual)
 
     @staticmethod
     def _check_finite_statistics(mean, var) -> None:
@@ -445,8 +488,8 @@ class BatchNorm:
             )
         self.num_batches_tracked += 1
 
-    def backward(self, dy) -> np.ndarray:
-        """Gradient of the loss with respect to the last forward call's input.
+    def backward(self, dy):
+        """Gradient of the loss with respect to the last forward call's input(s).
 
         ``dy`` has the shape and dtype of that input.  Returns ``dx``; writes
         ``grad_weight`` (``sum(dy' * x_hat)``) and ``grad_bias`` (``sum(dy')``),
@@ -455,15 +498,22 @@ class BatchNorm:
         running statistics the statistics are constants: ``dx = dy' * weight /
         sqrt(running_var + eps)``.  Any number of backward calls may follow one
         forward call; each uses that forward's input and parameters.
+
+        After a forward call with ``residual=``, returns ``(dx, dresidual)``,
+        ``dresidual = where(y > 0, dy, 0)`` (``dy'`` above).
         """
         if self._ctx is None:
             raise RuntimeError("backward() called before forward(): there is nothing to "
                                "differentiate")
-        dx, dgamma, dbeta = batch_norm_backward(dy, self._ctx)
+        if type(self._ctx) is BatchNormAddReluContext:
+            dx, dresidual, dgamma, dbeta = batch_norm_add_relu_backward(dy, self._ctx)
+        else:
+            dx, dgamma, dbeta = batch_norm_backward(dy, self._ctx)
+            dresidual = None
         if self._affine:
             self.grad_weight[...] = dgamma
             self.grad_bias[...] = dbeta
-        return dx
+        return dx if dresidual is None else (dx, dresidual)
 
     # -- folding -------------------------------------------------------------
 

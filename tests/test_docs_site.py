@@ -84,7 +84,8 @@ def _public_names(module_file: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("module", "page"), [
-    ("__init__", "fastbn"), ("functional", "functional"), ("torch", "torch"),
+    ("__init__", "fastbn"), ("functional", "functional"), ("residual", "residual"),
+    ("torch", "torch"),
     ("distributed", "distributed"), ("reference", "reference")])
 def test_api_reference_lists_every_public_name(module, page):
     names = _public_names(ROOT / "fastbn" / f"{module}.py")

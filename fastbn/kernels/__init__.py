@@ -27,7 +27,7 @@ fastmath, because reassociation would fold ``mean_hi + mean_lo`` back together.
 from __future__ import annotations
 
 from .._config import harden_cache
-from . import drivers, plan, planes, rows, storage
+from . import drivers, plan, planes, residual, rows, storage
 from ._build import build_variant
 from .drivers import (
     BAD_BATCH_STATS,
@@ -39,14 +39,14 @@ from .drivers import (
     update_running_stats,
 )
 
-_MODULES = (rows, planes, drivers)
+_MODULES = (rows, planes, drivers, residual)
 
 #: Dispatchers whose ``prange`` loops run in parallel.
 PARALLEL = build_variant(_MODULES, parallel=True)
 #: The same kernels compiled serially: small inputs and forked children.
 SERIAL = build_variant(_MODULES, parallel=False)
 
-harden_cache({name: getattr(module, name) for module in (plan, drivers, storage)
+harden_cache({name: getattr(module, name) for module in (plan, drivers, residual, storage)
               for name in dir(module)})
 
 __all__ = [
