@@ -423,12 +423,17 @@ class BatchNorm:
 
         y, ctx = batch_norm_forward(x, self.weight, self.bias, eps=self._eps, axis=self._axis,
                                     relu=self._relu)
+        self._keep_batch_context(ctx)
+        return y
+
+    def _keep_batch_context(self, ctx) -> None:
+        """After a batch-statistics forward: update (or, without tracking, only check) the
+        running statistics, then keep ``ctx`` for the backward."""
         if self.training and self._track_running_stats:
             self._update_running_stats(ctx._stats, ctx.count)
         else:
             self._check_finite_statistics(ctx.mean, ctx.var)
         self._ctx = ctx
-        return y
 
     def _forward_residual(self, x, residual) -> np.ndarray:
         if not self._relu:
@@ -443,11 +448,7 @@ class BatchNorm:
             return y
         y, ctx = batch_norm_add_relu_forward(x, residual, self.weight, self.bias, eps=self._eps,
                                              axis=self._axis)
-        if self.training and self._track_running_stats:
-            self._update_running_stats(ctx._stats, ctx.count)
-        else:
-            self._check_finite_statistics(ctx.mean, ctx.var)
-        self._ctx = ctx
+        self._keep_batch_context(ctx)
         return y
 
     def __call__(self, x, residual=None) -> np.ndarray:

@@ -194,10 +194,6 @@ def zero_of(value):
     """0 of the type of a scalar."""
 
 
-def cast_like(value, like):
-    """``value`` converted to the type of the scalar ``like``."""
-
-
 def compute_zero(data):
     """0 in the compute type of an array's elements."""
 
@@ -257,13 +253,6 @@ def _zero_of(value):
     if value == types.float32:
         return lambda value: np.float32(0)
     return lambda value: np.float64(0)
-
-
-@overload(cast_like)
-def _cast_like(value, like):
-    if like == types.float32:
-        return lambda value, like: np.float32(value)
-    return lambda value, like: np.float64(value)
 
 
 @overload(compute_zero)
