@@ -7,6 +7,8 @@ fastmath, a forced serial fallback for the performance gate) is one edit.
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import os
 import sys
 import threading
@@ -103,6 +105,14 @@ def harden_cache(namespace: dict) -> None:
       (Numba compiles and rewrites the entry); a failed save -- which
       re-reads the index -- removes the broken index and tries once more, then
       gives up silently: the kernel works, it is just not cached.
+    * Stale entries.  Numba keys an entry on the stamp (mtime, size) of the
+      file that defines the function, but kernels inline helpers from other
+      files (``storage``, ``elementwise``, ``plan``): after an edit or an
+      upgrade that touches only a helper's file, Numba would load machine code
+      built from the old helper -- and the parallel and serial variants of one
+      kernel could then disagree bit for bit.  The stamp is extended with a
+      digest of every source the kernels are built from
+      (:func:`kernel_sources_digest`), so any such change recompiles them all.
     * Races between processes.  A save reads the index, picks a free data
       file name and writes both; two processes saving different signatures at
       once can leave an index entry pointing at the other signature's machine
@@ -142,7 +152,32 @@ class _CacheFileLock:
             self._file = None
 
 
+@functools.cache
+def kernel_sources_digest() -> str:
+    """SHA-256 of the sources every cached kernel may be built from: ``kernels/*.py``
+    and this module (the flags), read once per process."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    kernels = os.path.join(package, "kernels")
+    names = sorted(os.path.join(kernels, name) for name in os.listdir(kernels)
+                   if name.endswith(".py"))
+    digest = hashlib.sha256()
+    for path in [*names, os.path.join(package, "_config.py")]:
+        digest.update(os.path.basename(path).encode())
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except OSError:  # a missing file changes the digest too
+            digest.update(b"<missing>")
+    return digest.hexdigest()
+
+
 def _wrap_cache(cache) -> None:
+    cache_file = getattr(cache, "_cache_file", None)
+    stamp = getattr(cache_file, "_source_stamp", None)
+    if stamp is not None and not (isinstance(stamp, tuple) and len(stamp) == 3
+                                  and stamp[0] == "fastbn"):
+        # Compared for equality with the stamp saved in the index (see harden_cache).
+        cache_file._source_stamp = ("fastbn", stamp, kernel_sources_digest())
     load_overload = cache.load_overload
     save_overload = cache.save_overload
     directory = getattr(cache, "cache_path", None) or CACHE_DIR

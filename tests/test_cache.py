@@ -84,6 +84,22 @@ def test_warm_cache_is_used_by_a_fresh_process(tmp_path):
     assert warm["hits"] == "1 misses 0"
 
 
+def test_editing_an_inlined_helper_recompiles_the_kernels_that_inline_it(tmp_path):
+    """Numba stamps an entry with its own file only; the kernel checked here
+    (drivers.py) inlines storage.py's loads, so a storage.py-only change must
+    not load the old machine code.  The size changes, as in any real edit."""
+    root = _copy_package(tmp_path)
+    assert _run_check(root)["hits"] == "0 misses 1"
+    assert _run_check(root)["hits"] == "1 misses 0"
+    storage_file = root / "fastbn" / "kernels" / "storage.py"
+    drivers_file = root / "fastbn" / "kernels" / "drivers.py"
+    drivers_stamp = drivers_file.stat()
+    storage_file.write_text(storage_file.read_text() + "\n# an edit\n")
+    assert drivers_file.stat().st_mtime_ns == drivers_stamp.st_mtime_ns
+    assert _run_check(root)["hits"] == "0 misses 1"  # recompiled
+    assert _run_check(root)["hits"] == "1 misses 0"  # and cached again
+
+
 def test_corrupt_cache_entries_are_recompiled_not_fatal(tmp_path):
     root = _copy_package(tmp_path)
     _run_check(root)
