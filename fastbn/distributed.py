@@ -65,6 +65,7 @@ import numpy as np
 
 from .functional import (
     BatchNormContext,
+    _as_data,
     _normalize_axis,
     batch_norm_backward_apply,
     batch_norm_backward_reduce,
@@ -72,6 +73,7 @@ from .functional import (
     batch_stats,
 )
 from .layer import BatchNorm
+from .residual import _as_residual, batch_norm_add_relu_inference
 
 __all__ = ["Communicator", "MPICommunicator", "SyncBatchNorm", "as_communicator",
            "global_moments", "sync_backward", "sync_batch_stats", "sync_forward",
@@ -309,6 +311,7 @@ class SyncBatchNorm(BatchNorm):
         self._comm = comm
         self._communicator = None
         self._sync_ctx = None
+        self._residual_y = None  # after a training forward with residual=: its output
 
     @property
     def communicator(self) -> Communicator:
@@ -322,38 +325,70 @@ class SyncBatchNorm(BatchNorm):
         return (self._num_features, self._dtype.itemsize, self._axis % max(ndim, 1), ndim,
                 float(self._relu), self._eps * 1e5, momentum, float(self._affine))
 
-    def forward(self, x) -> np.ndarray:
+    def forward(self, x, residual=None) -> np.ndarray:
         """Normalize the local slice ``x`` (see :meth:`fastbn.BatchNorm.forward`).
 
         Training mode (or ``track_running_stats=False``): collective, global
         statistics.  Eval mode with running statistics: local, no communication.
+
+        ``residual`` (``relu=True`` layers): ``y = max(bn(x) + residual, 0)``
+        with the global statistics, and :meth:`backward` returns ``(dx,
+        dresidual)``.  In training mode this is not one fused kernel: the
+        global normalize is followed by the block's inference sweep with the
+        same statistics (one more read of ``x``; the same bits as the fused
+        kernel in float32/float64, one rounding in 16-bit), and the backward
+        masks ``dy`` with ``y > 0`` before the collective backward.
         """
         if not (self.training or not self._track_running_stats):
             x = self._check_input(x)
             self._sync_ctx = None
             if x.size == 0:
+                if residual is not None:
+                    self._check_residual(x, residual)
                 self._ctx = None
                 self._sync_ctx = _EmptyContext(x.shape, self._num_features, collective=False)
-                return np.empty(x.shape, x.dtype)
-            return super().forward(x)
+                y = np.empty(x.shape, x.dtype)
+                self._residual_y = y if residual is not None else None
+                return y
+            y = super().forward(x) if residual is None else super().forward(x, residual)
+            self._residual_y = None  # the backward is BatchNorm's
+            return y
         communicator = self.communicator
         error = None
         try:
             x = self._check_input(x)
             ndim = x.ndim
+            if residual is not None:
+                self._check_residual(x, residual)
         except Exception as exc:  # still join the header collective, then raise
             error, ndim = exc, getattr(x, "ndim", 0)
         fingerprint = self._fingerprint(ndim)
         axis = self._axis % max(ndim, 1)
+        relu = self._relu and residual is None  # with a residual: added, then the ReLU
         y, ctx, mean, var, count = sync_forward(x, self.weight, self.bias, self._eps, axis,
-                                                self._relu, communicator, fingerprint, error)
+                                                relu, communicator, fingerprint, error)
+        if residual is not None and x.size:
+            batch_norm_add_relu_inference(x, residual, mean, var, self.weight, self.bias,
+                                          eps=self._eps, axis=axis, out=y)
         if self.training and self._track_running_stats:
             stats = np.empty((5, self._num_features))
             stats[0], stats[1] = mean, var
             self._update_running_stats(stats, count)
         self._sync_ctx = ctx
         self._ctx = None
+        self._residual_y = y if residual is not None else None
         return y
+
+    def _check_residual(self, x, residual) -> None:
+        """Raise unless ``residual`` fits ``x`` and the layer (before any collective)."""
+        self._require_relu_for_residual()
+        if x.size:
+            _as_residual(residual, _as_data(x, "x"))
+            return
+        residual = np.asarray(residual)  # an empty slice: only its shape and dtype to check
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must have the shape and dtype of x, {x.shape} "
+                             f"{x.dtype}, got {residual.shape} {residual.dtype}")
 
     def backward(self, dy) -> np.ndarray:
         """dx for this rank's slice; collective after a training forward.
@@ -362,6 +397,16 @@ class SyncBatchNorm(BatchNorm):
         """
         if self._sync_ctx is None:
             return super().backward(dy)
+        if self._residual_y is not None:  # dresidual = dy' = where(y > 0, dy, 0)
+            y = self._residual_y
+            dy = np.asarray(dy)
+            if dy.shape != y.shape:
+                raise ValueError(f"dy must have the shape of x, {y.shape}, got {dy.shape}")
+            dresidual = np.where(y > 0, dy, np.zeros((), dy.dtype))
+            return self._sync_backward(dresidual), dresidual
+        return self._sync_backward(dy)
+
+    def _sync_backward(self, dy) -> np.ndarray:
         ctx = self._sync_ctx
         if isinstance(ctx, _EmptyContext) and not ctx.collective:
             dy = np.asarray(dy)

@@ -435,11 +435,14 @@ class BatchNorm:
             self._check_finite_statistics(ctx.mean, ctx.var)
         self._ctx = ctx
 
-    def _forward_residual(self, x, residual) -> np.ndarray:
+    def _require_relu_for_residual(self) -> None:
         if not self._relu:
             raise ValueError(f"residual= needs a layer with relu=True (the fused block is "
                              f"max(bn(x) + residual, 0)); {self!r} has relu=False: add the "
                              f"residual to its output yourself")
+
+    def _forward_residual(self, x, residual) -> np.ndarray:
+        self._require_relu_for_residual()
         if not (self.training or not self._track_running_stats):
             y, ctx = batch_norm_add_relu_inference(
                 x, residual, self.running_mean, self.running_var, self.weight, self.bias,

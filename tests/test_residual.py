@@ -8,6 +8,8 @@ NaN confinement, thread-count independence and bad input.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -478,3 +480,104 @@ def test_layer_residual_errors_leave_the_layer_unchanged():
         for key, value in bn.state_dict().items():
             assert value.tobytes() == before[key].tobytes(), key
         assert bn.backward(dy).tobytes() == dx_before.tobytes()  # the last good context
+
+
+class _ThreadRanks:
+    """``n`` in-process ranks (threads): ``allreduce_sum`` sums in rank order at a barrier."""
+
+    def __init__(self, n: int):
+        self._barrier = threading.Barrier(n, timeout=60)
+        self._slots = [None] * n
+
+    def communicator(self, rank: int):
+        ranks = self
+
+        class Communicator:
+            def allreduce_sum(self, values):
+                ranks._slots[rank] = np.array(values, np.float64)
+                ranks._barrier.wait()
+                total = sum(ranks._slots[1:], ranks._slots[0].copy())
+                ranks._barrier.wait()  # everybody has read the slots
+                return total
+
+        return Communicator()
+
+
+def _run_ranks(n, work):
+    """``work(rank, communicator)`` on n threads; their results, or the first error."""
+    ranks = _ThreadRanks(n)
+    results, errors = [None] * n, []
+
+    def run(rank):
+        try:
+            results[rank] = work(rank, ranks.communicator(rank))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            ranks._barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS[:3], ids=LAYOUT_IDS[:3])
+def test_sync_batch_norm_residual_equals_the_layer_on_the_global_batch(shape, axis):
+    """Two ranks (threads) with uneven slices against BatchNorm on the whole batch."""
+    from fastbn.distributed import SyncBatchNorm
+
+    x, r, gamma, beta, dy = make_inputs(shape, axis, np.float64)
+    c = shape[axis]
+    whole = fastbn.BatchNorm(c, axis=axis, relu=True, momentum=0.3, dtype=np.float64)
+    whole.weight[...], whole.bias[...] = gamma, beta
+    y_whole = whole(x, residual=r)
+    dx_whole, dr_whole = whole.backward(dy)
+    cut = 2  # rows of rank 0; the rest on rank 1
+    slices = [slice(0, cut), slice(cut, None)]
+
+    def work(rank, comm):
+        bn = SyncBatchNorm(c, axis=axis, relu=True, momentum=0.3, dtype=np.float64, comm=comm)
+        bn.weight[...], bn.bias[...] = gamma, beta
+        part = slices[rank]
+        y = bn(x[part], residual=r[part])
+        dx, dr = bn.backward(dy[part])
+        return y, dx, dr, bn.grad_weight.copy(), bn.grad_bias.copy(), bn.state_dict()
+
+    results = _run_ranks(2, work)
+    for (y, dx, dr, *_), part in zip(results, slices, strict=True):
+        assert rel_err(y, y_whole[part]) < 1e-12 and rel_err(dx, dx_whole[part]) < 1e-12
+        assert np.array_equal(dr, dr_whole[part])
+    assert rel_err(results[0][3] + results[1][3], whole.grad_weight) < 1e-12
+    assert rel_err(results[0][4] + results[1][4], whole.grad_bias) < 1e-12
+    for key, value in whole.state_dict().items():
+        assert rel_err(results[0][5][key], value) < 1e-12, key
+        assert results[0][5][key].tobytes() == results[1][5][key].tobytes(), key
+
+
+def test_sync_batch_norm_bad_residual_raises_on_its_rank_and_everywhere_else():
+    from fastbn.distributed import RemoteRankError, SyncBatchNorm
+
+    x, r, *_ = make_inputs((6, 4, 9), 1, np.float32)
+
+    def work(rank, comm):
+        bn = SyncBatchNorm(4, relu=True, comm=comm)
+        residual = r[:3, :, :2] if rank == 1 else r[:3]  # rank 1: the wrong shape
+        before = bn.state_dict()
+        try:
+            bn(x[:3], residual=residual)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            unchanged = all(v.tobytes() == before[k].tobytes()
+                            for k, v in bn.state_dict().items())
+            return type(exc), str(exc), unchanged
+        return None
+
+    (error0, _, unchanged0), (error1, message1, unchanged1) = _run_ranks(2, work)
+    assert error1 is ValueError and "residual must have the shape of x" in message1
+    assert error0 is RemoteRankError
+    assert unchanged0 and unchanged1
+    with pytest.raises(ValueError, match="relu=True"):
+        SyncBatchNorm(4, comm=_ThreadRanks(1).communicator(0))(x, residual=r)

@@ -52,8 +52,9 @@ def _all_ranks_agree(value: bool) -> bool:
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("momentum, relu", [(0.1, False), (None, True)])
-def test_matches_single_process_over_sgd_steps(split, layout, dtype, momentum, relu):
+@pytest.mark.parametrize("momentum, relu, residual",
+                         [(0.1, False, False), (None, True, False), (0.1, True, True)])
+def test_matches_single_process_over_sgd_steps(split, layout, dtype, momentum, relu, residual):
     rows = SPLITS[split][SIZE]
     tail, axis = LAYOUTS[layout]
     n_channels = tail[axis] if axis != 1 else tail[0]
@@ -67,10 +68,18 @@ def test_matches_single_process_over_sgd_steps(split, layout, dtype, momentum, r
     for step in range(3):
         x = (rng.standard_normal((sum(rows), *tail)) * 2 + step).astype(dtype)
         dy = rng.standard_normal(x.shape).astype(dtype)
-        y_local = sync(x[local])
-        y_whole = whole(x)
-        dx_local = sync.backward(dy[local])
-        dx_whole = whole.backward(dy)
+        if residual:  # the fused block: max(bn(x) + z, 0), backward (dx, dz)
+            z = rng.standard_normal(x.shape).astype(dtype)
+            y_local = sync(x[local], residual=z[local])
+            y_whole = whole(x, residual=z)
+            dx_local, dz_local = sync.backward(dy[local])
+            dx_whole, dz_whole = whole.backward(dy)
+            ok &= np.array_equal(dz_local, dz_whole[local])
+        else:
+            y_local = sync(x[local])
+            y_whole = whole(x)
+            dx_local = sync.backward(dy[local])
+            dx_whole = whole.backward(dy)
         grad_w = COMM.allreduce(sync.grad_weight.astype(np.float64), op=MPI.SUM)
         grad_b = COMM.allreduce(sync.grad_bias.astype(np.float64), op=MPI.SUM)
         ok &= _close(y_local, y_whole[local], tol)
