@@ -83,6 +83,7 @@ bench: $(BENCH_STAMP)
 	$(if $(BENCH_ARGS),@echo "bench: BENCH_ARGS given: published results left as they are (make bench-publish)",\
 	  $(BIN)/python -m bench.report --publish bench/results/latest.json)
 	-$(BIN)/python -m bench.torch_bench  # fastbn.torch vs torch.nn (skipped without torch)
+	-$(BIN)/python -m bench.fused_bench --bn-peers  # the fused block; torch.compile, oneDNN
 
 JSON ?= bench/results/latest.json
 bench-publish: $(BENCH_STAMP)
