@@ -33,6 +33,9 @@ DRIVERS = (
     "backward_reduce_rows", "backward_reduce_planes",
     "backward_apply_rows", "backward_apply_planes",
     "moments_rows", "moments_planes",
+    "add_relu_train_rows", "add_relu_train_planes",
+    "add_relu_normalize_rows", "add_relu_normalize_planes",
+    "add_relu_backward_rows", "add_relu_backward_planes",
 )
 VARIANTS = {"parallel": kernels.PARALLEL, "serial": kernels.SERIAL}
 DTYPES = (np.float32, np.float64, np.float16, "bfloat16")
@@ -78,6 +81,12 @@ def _warm_calls(x: np.ndarray) -> None:
                                          out=np.empty_like(x))
     sums = fastbn.functional.batch_norm_backward_reduce(y, ctx)
     fastbn.functional.batch_norm_backward_apply(y, ctx, *sums, out=np.empty_like(x))
+    # the fused residual block (the residual: x itself)
+    y = np.empty_like(x)
+    _, ctx = fastbn.batch_norm_add_relu_forward(x, x, gamma, gamma, out=y)
+    fastbn.batch_norm_add_relu_backward(y, ctx, out=np.empty_like(x),
+                                        out_residual=np.empty_like(x))
+    fastbn.batch_norm_add_relu_inference(x, x, mean, var, gamma, gamma, out=np.empty_like(x))
 
 
 def _warm_data(shape, dtype) -> np.ndarray:
@@ -89,18 +98,19 @@ def _warm_data(shape, dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-def warmup(verbose: bool = True) -> dict:
+def warmup(verbose: bool = True, dtypes=None) -> dict:
     """Compile (or load) every kernel variant a training or inference loop can reach.
 
-    Both layouts, float32 and float64, the serial variant (small inputs) and
-    the parallel one, and the layer's running-statistics update.  Read-only
-    inputs are called too: they reach the kernels through a writeable alias,
-    so they need no compilation of their own (a cached run shows no misses).
-    Returns cache statistics.
+    Both layouts, every data dtype (``dtypes``: a subset of the names
+    ``float32``, ``float64``, ``float16``, ``bfloat16``; default all), the
+    serial variant (small inputs) and the parallel one, and the layer's
+    running-statistics update.  Read-only inputs are called too: they reach
+    the kernels through a writeable alias, so they need no compilation of
+    their own (a cached run shows no misses).  Returns cache statistics.
     """
     started = time.perf_counter()
     large = SMALL_PROBLEM
-    for dtype in DTYPES:
+    for dtype in _selected_dtypes(dtypes):
         for shape in ((4, 3), (2, 3, 5), (large // 4, 4), (2, 4, large // 8)):
             x = _warm_data(shape, dtype)
             _warm_calls(x)
@@ -120,6 +130,24 @@ def warmup(verbose: bool = True) -> dict:
         print(f"warmup: {hits + misses} kernel variants {source} in {elapsed:.2f} s "
               f"(cache hits {hits}, misses {misses}, cache {'on' if _config.CACHE else 'off'})")
     return result
+
+
+def _selected_dtypes(names) -> list:
+    """DTYPES, or those named in ``names`` (an iterable of names, or a comma list)."""
+    by_name = {np.dtype(d).name if d != "bfloat16" else d: d for d in DTYPES}
+    if names is None:
+        return list(DTYPES)
+    if isinstance(names, str):
+        names = [name for name in names.split(",") if name.strip()]
+    chosen = []
+    for name in names:
+        key = name if name == "bfloat16" or not isinstance(name, str) else name.strip()
+        key = key if isinstance(key, str) else np.dtype(key).name
+        if key not in by_name:
+            raise ValueError(f"unknown dtype {key!r} for warmup; choose from "
+                             f"{', '.join(by_name)}")
+        chosen.append(by_name[key])
+    return chosen
 
 
 def cached_variants() -> list[str]:
@@ -222,14 +250,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threads, threading layer, compile cache")
-    sub.add_parser("warmup", help="compile or load every kernel variant")
+    warmup_parser = sub.add_parser("warmup", help="compile or load every kernel variant")
+    warmup_parser.add_argument("--dtypes", default=None,
+                               help="comma-separated data dtypes to warm (default: "
+                                    "float32,float64,float16,bfloat16)")
     bench_parser = sub.add_parser("bench", help="quick fastbn vs NumPy timing")
     bench_parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
     elif args.command == "warmup":
-        warmup()
+        try:
+            dtypes = _selected_dtypes(args.dtypes)
+        except ValueError as exc:
+            parser.error(str(exc))
+        warmup(dtypes=dtypes)
     else:
         bench(args.repeats)
     return 0

@@ -125,3 +125,11 @@ def test_cli_commands_run(command):
             assert key in result.stdout
     else:
         assert "kernel variants" in result.stdout
+
+
+def test_warmup_dtypes_option():
+    result = run_python(["-m", "fastbn", "warmup", "--dtypes", "float64"], timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "kernel variants" in result.stdout
+    bad = run_python(["-m", "fastbn", "warmup", "--dtypes", "float64,float8"], timeout=600)
+    assert bad.returncode == 2 and "unknown dtype 'float8'" in bad.stderr
