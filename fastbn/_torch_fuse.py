@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 import warnings
 
 import torch
@@ -458,7 +459,8 @@ def fuse(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"fuse() takes a torch.nn.Module, got {type(model).__name__}")
     if not any(type(m) in _FUSED for m in model.modules()):
         return model
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing compiled
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
         return _untouched(model, "it is a torch.compile()d module; fuse the model first, "
                                  "then compile the result")
     try:
