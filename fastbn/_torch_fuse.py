@@ -26,6 +26,7 @@ Two pieces:
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 import sys
@@ -137,6 +138,17 @@ class _BatchNormAddReLUFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------
 
 
+def _own_state(module: torch.nn.Module) -> dict:
+    """``module.__dict__`` for a new module object: the same tensors, submodules and hooks
+    in containers of its own (``_parameters``, ``_buffers``, ``_modules``, the hook
+    dicts...), so registering on one never changes the other."""
+    state = dict(module.__dict__)
+    for name, value in state.items():
+        if name.startswith("_") and isinstance(value, (dict, set)):
+            state[name] = copy.copy(value)
+    return state
+
+
 def _residual_fits(residual, x: torch.Tensor) -> bool:
     """Whether the fused kernel can take ``residual`` with ``x`` (layout checked later)."""
     return (type(residual) is torch.Tensor and residual.shape == x.shape
@@ -212,10 +224,7 @@ class _BatchNormReLUMixin:
         """A module of this class computing with ``bn``'s own ``Parameter`` and buffer
         objects (so the same ``state_dict``), ``bn`` itself untouched."""
         fused = cls.__new__(cls)
-        state = dict(bn.__dict__)
-        for name in ("_parameters", "_buffers", "_modules"):
-            state[name] = dict(state[name])
-        state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+        state = _own_state(bn)
         state.pop("_fastbn_guard", None)  # the small path's cache: rebuilt for this module
         object.__setattr__(fused, "__dict__", state)
         if inplace_add:
@@ -388,10 +397,7 @@ def _mirror(module: torch.nn.Module, replace: dict, prefix: str) -> torch.nn.Mod
     (with the same tensors), everything else is shared.  The copied containers cannot be
     called: their forward would now run fused batch norms."""
     clone = module.__class__.__new__(module.__class__)
-    state = dict(module.__dict__)
-    for name in ("_parameters", "_buffers", "_modules"):
-        state[name] = dict(state[name])
-    state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+    state = _own_state(module)
     state["forward"] = functools.partial(_container_forward, type(module).__name__)
     object.__setattr__(clone, "__dict__", state)
     children = clone._modules
