@@ -613,3 +613,17 @@ def test_torch_compile_of_fused_converted_model_matches_eager():
     for a, b in zip(_bn_modules(model), _bn_modules(ref), strict=True):
         _assert_close(a.running_var, b.running_var, 1e-5, "running_var")
         assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+
+
+def test_fused_model_compiles_without_graph_breaks(monkeypatch):
+    """fullgraph=True (aot_eager: fast), with PyTorch's batch norm and with fastbn's
+    opaque op (COMPILE_WITH="fastbn") before the add and ReLU."""
+    ref = _tiny_residual(channels_last=False)
+    x = torch.randn(4, 3, 8, 8)
+    for compile_with in ("torch", "fastbn"):
+        monkeypatch.setattr(fbt, "COMPILE_WITH", compile_with)
+        torch._dynamo.reset()
+        model = fbt.fuse(fbt.convert(copy.deepcopy(ref)))
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        out.sum().backward()
+        _assert_close(out, copy.deepcopy(ref)(x), 1e-5, f"output, {compile_with}")
