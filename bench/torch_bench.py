@@ -19,11 +19,14 @@
    default); ``NUMBA_THREADING_LAYER=omp`` shows the oversubscription of two
    spinning OpenMP pools (torch's and Numba's) on the same cores.
 3. A CIFAR ResNet-18 training step (BasicBlock [2, 2, 2, 2], widths 32-256,
-   batch 32, 32x32, NCHW) in eager mode, after ``convert``, under
-   ``torch.compile`` and ``torch.compile(convert(model))`` (and the same with
+   batch 32, 32x32, NCHW) in eager mode, after ``convert``, after
+   ``fuse(convert(model))`` (batch norm + ReLU and batch norm + add + ReLU as
+   fastbn's fused kernels), under ``torch.compile``, ``torch.compile(convert(model))``
+   and ``torch.compile(fuse(convert(model)))`` (and ``compile(convert)`` with
    ``fastbn.torch.COMPILE_WITH = "fastbn"``, fastbn's opaque op, which is what
    the default is measured against), in float32 and under
-   ``torch.autocast("cpu", dtype=torch.bfloat16)``.  Compiling takes minutes
+   ``torch.autocast("cpu", dtype=torch.bfloat16)``; and the eager step with every
+   batch norm an ``Identity``, the ceiling of any batch-norm speed-up.  Compiling takes minutes
    on two cores; the compiled models are warmed up before timing.
 """
 
@@ -136,8 +139,18 @@ def _resnet18(torch, width=32, classes=10):
     return nn.Sequential(*layers)
 
 
-def _resnet_section(torch, fbt, repeats, dtype_names):
-    """ResNet-18 training step: eager, convert, compile, compile(convert) (both ways)."""
+def _without_batch_norm(torch, model):
+    """``model`` with every batch norm an ``Identity`` (in place)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, torch.nn.Identity())
+    return model
+
+
+def _resnet_section(torch, fbt, repeats, dtype_names, compiled=True):
+    """ResNet-18 training step: eager, convert, fuse(convert), compile, compile(convert)
+    (both ways), compile(fuse(convert)); ``compiled=False``: the eager ones only."""
     x = torch.randn(32, 3, 32, 32)
     labels = torch.randint(0, 10, (32,))
     saved = fbt.COMPILE_WITH
@@ -148,9 +161,16 @@ def _resnet_section(torch, fbt, repeats, dtype_names):
         base = _resnet18(torch)
         models = {"eager torch.nn": copy.deepcopy(base),
                   "eager convert": fbt.convert(copy.deepcopy(base)),
+                  "eager fuse(convert)": fbt.fuse(fbt.convert(copy.deepcopy(base))),
+                  # The ceiling of anything done to batch norm: the step without it
+                  # (convolutions, ReLUs, adds, pooling, the head, the optimizer).
+                  "eager, no batch norm": _without_batch_norm(torch, copy.deepcopy(base)),
                   "compile": copy.deepcopy(base),
                   "compile(convert)": fbt.convert(copy.deepcopy(base)),
+                  "compile(fuse(convert))": fbt.fuse(fbt.convert(copy.deepcopy(base))),
                   "compile(convert), opaque op": fbt.convert(copy.deepcopy(base))}
+        if not compiled:
+            models = {k: v for k, v in models.items() if not k.startswith("compile")}
         steps = {}
         for name, model in models.items():
             runner = model
@@ -181,7 +201,9 @@ def _resnet_section(torch, fbt, repeats, dtype_names):
         t = interleaved({n: with_mode(n, s) for n, s in steps.items()}, repeats, target_s=0.05)
         med = {name: t[name]["median"] for name in steps}
         print(f"\nCIFAR ResNet-18 training step (32, 3, 32, 32), {dtype_name}, NCHW:")
-        pairs = {"eager convert": "eager torch.nn", "compile(convert)": "compile",
+        pairs = {"eager convert": "eager torch.nn", "eager fuse(convert)": "eager torch.nn",
+                 "eager, no batch norm": "eager torch.nn",
+                 "compile(convert)": "compile", "compile(fuse(convert))": "compile",
                  "compile(convert), opaque op": "compile"}
         for name in steps:
             vs = pairs.get(name)
@@ -196,6 +218,8 @@ def main(argv=None) -> int:
                         help="run only these sections (repeatable); default: all")
     parser.add_argument("--resnet-dtype", choices=("float32", "bf16-autocast"),
                         action="append", help="ResNet-18 section: default both")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="ResNet-18 section: eager models only (compiling takes minutes)")
     args = parser.parse_args(argv)
     sections = set(args.only or ("modules", "cnn", "resnet"))
     import numba
@@ -213,7 +237,8 @@ def main(argv=None) -> int:
         _cnn_section(torch, fbt, args.repeats)
     if "resnet" in sections:
         _resnet_section(torch, fbt, max(args.repeats // 2, 5),
-                        args.resnet_dtype or ("float32", "bf16-autocast"))
+                        args.resnet_dtype or ("float32", "bf16-autocast"),
+                        compiled=not args.no_compile)
     return 0
 
 

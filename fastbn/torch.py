@@ -5,6 +5,7 @@
     model = fbt.convert(model)                  # every torch.nn.BatchNorm{1,2,3}d, in place
     sbn = fbt.SyncBatchNorm(64)                 # CPU, torch.distributed (gloo)
     model = fbt.SyncBatchNorm.convert_sync_batchnorm(model)
+    fused = fbt.fuse(model)                     # BN -> (add ->) ReLU chains fused (torch.fx)
 
 The modules *are* ``torch.nn.BatchNorm*d`` (subclasses): ``isinstance``,
 ``state_dict`` keys, ``load_state_dict``, ``.to(dtype)``, ``train()``/``eval()``,
@@ -56,7 +57,8 @@ from . import functional as _fn
 from .functional import BatchNormContext
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
-           "TorchDistributedCommunicator", "TORCH_BELOW", "COMPILE_WITH"]
+           "TorchDistributedCommunicator", "TORCH_BELOW", "COMPILE_WITH",
+           "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "fuse"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: 16-bit data: parameters and running statistics float32 (PyTorch's "mixed type").
@@ -703,3 +705,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
+
+# fuse(model) (torch.fx) and the fused BatchNormReLU*d modules live in their own module,
+# which builds on the names above.
+from ._torch_fuse import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, fuse  # noqa: E402
