@@ -690,6 +690,11 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Every ``torch.nn.BatchNorm*d`` (and fastbn's) of ``module`` as this class."""
         converted = module
+        if isinstance(module, (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d)):
+            # A SyncBatchNorm in its place would drop the fused ReLU (and the residual).
+            raise ValueError(f"{type(module).__name__} (made by fastbn.torch.fuse) cannot be "
+                             f"converted to SyncBatchNorm: call convert_sync_batchnorm on the "
+                             f"model first, then fuse() (SyncBatchNorm is left unfused)")
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
                 module, torch.nn.SyncBatchNorm):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,

@@ -627,3 +627,13 @@ def test_fused_model_compiles_without_graph_breaks(monkeypatch):
         out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
         out.sum().backward()
         _assert_close(out, copy.deepcopy(ref)(x), 1e-5, f"output, {compile_with}")
+
+
+def test_convert_sync_batchnorm_refuses_fused_modules_instead_of_dropping_the_relu():
+    fused = fbt.fuse(Chain(add="out + identity"))
+    assert _fused(fused)
+    with pytest.raises(ValueError, match="convert_sync_batchnorm on the model first"):
+        fbt.SyncBatchNorm.convert_sync_batchnorm(fused)
+    # the documented order: sync first, then fuse (SyncBatchNorm stays unfused)
+    synced = fbt.SyncBatchNorm.convert_sync_batchnorm(Chain(add="out + identity"))
+    assert isinstance(synced.bn, fbt.SyncBatchNorm)
