@@ -49,9 +49,9 @@ from .torch import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    _dy_to_numpy,
     _empty_output,
     _fastbn_layout,
-    _memory_format,
     _parameter,
     _parameters_fit,
     _to_numpy,
@@ -69,6 +69,14 @@ def _grad(array):
     return None if array is None else torch.from_numpy(array)
 
 
+def _keep_context(ctx, fastbn_ctx, layout: str) -> torch.Tensor:
+    """Keep the forward's fastbn context for the backward; its statistics as an output."""
+    ctx.fastbn, ctx.layout = fastbn_ctx, layout
+    stats = torch.from_numpy(fastbn_ctx._stats)
+    ctx.mark_non_differentiable(stats)
+    return stats
+
+
 class _BatchNormReLUFunction(torch.autograd.Function):
     """``relu(bn(x))`` in training mode: ``(y, stats)``; the backward recomputes the ReLU
     mask from ``x`` (fastbn's ``relu=True``), so nothing more than ``x`` is kept."""
@@ -81,10 +89,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         _, fctx = _fn.batch_norm_forward(array, _parameter(weight), _parameter(bias), eps=eps,
                                          axis=axis, relu=True, out=out)
         ctx.save_for_backward(x)  # autograd's version check: x must not change meanwhile
-        ctx.fastbn, ctx.layout = fctx, layout
-        stats = torch.from_numpy(fctx._stats)
-        ctx.mark_non_differentiable(stats)
-        return y, stats
+        return y, _keep_context(ctx, fctx, layout)
 
     @staticmethod
     def backward(ctx, dy, _dstats):
@@ -92,8 +97,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
             raise RuntimeError(_DOUBLE_BACKWARD)
         (x,) = ctx.saved_tensors
         layout = ctx.layout
-        dy_array, _ = _to_numpy(dy.contiguous(memory_format=_memory_format(layout, x.dim())),
-                                layout)
+        dy_array = _dy_to_numpy(dy, x, layout)
         dx, out = _empty_output(x, layout)
         _, dgamma, dbeta = _fn.batch_norm_backward(dy_array, ctx.fastbn, out=out)
         return dx, _grad(dgamma), _grad(dbeta), None
@@ -113,10 +117,7 @@ class _BatchNormAddReLUFunction(torch.autograd.Function):
         _, fctx = batch_norm_add_relu_forward(array, r_array, _parameter(weight),
                                               _parameter(bias), eps=eps, axis=axis, out=out)
         ctx.save_for_backward(x, y)
-        ctx.fastbn, ctx.layout = fctx, layout
-        stats = torch.from_numpy(fctx._stats)
-        ctx.mark_non_differentiable(stats)
-        return y, stats
+        return y, _keep_context(ctx, fctx, layout)
 
     @staticmethod
     def backward(ctx, dy, _dstats):
@@ -124,8 +125,7 @@ class _BatchNormAddReLUFunction(torch.autograd.Function):
             raise RuntimeError(_DOUBLE_BACKWARD)
         x, _y = ctx.saved_tensors
         layout = ctx.layout
-        dy_array, _ = _to_numpy(dy.contiguous(memory_format=_memory_format(layout, x.dim())),
-                                layout)
+        dy_array = _dy_to_numpy(dy, x, layout)
         dx, out = _empty_output(x, layout)
         dr, out_residual = _empty_output(x, layout)
         _, _, dgamma, dbeta = batch_norm_add_relu_backward(dy_array, ctx.fastbn, out=out,

@@ -164,6 +164,12 @@ def _from_numpy(array: np.ndarray, layout: str, ndim: int, dtype=None) -> torch.
         [tensor.stride(i) for i in order])
 
 
+def _dy_to_numpy(dy: torch.Tensor, x: torch.Tensor, layout: str) -> np.ndarray:
+    """The incoming gradient as NumPy in the forward input's layout (copied only when
+    autograd hands it over in another memory format)."""
+    return _to_numpy(dy.contiguous(memory_format=_memory_format(layout, x.dim())), layout)[0]
+
+
 def _parameter(t):
     """A parameter or running statistic as NumPy; 16-bit ones (a module made 16-bit with
     ``.to(torch.bfloat16)``) widened to float32, which holds them exactly."""
@@ -204,8 +210,7 @@ def _backward_impl(dy, x, stats, has_weight, has_bias):
     """``(dx, dweight, dbias)`` from the forward's input and statistics (two sweeps)."""
     layout = _fastbn_layout(x)
     array, axis = _to_numpy(x, layout)
-    dy_array, _ = _to_numpy(dy.contiguous(memory_format=_memory_format(layout, x.dim())),
-                            layout)
+    dy_array = _dy_to_numpy(dy, x, layout)
     stats_array = stats.numpy()
     n_channels = stats_array.shape[1]
     # gradients of the parameters in the compute dtype (float32 for 16-bit data);

@@ -22,6 +22,7 @@ fbt = pytest.importorskip("fastbn.torch")
 
 from tests.test_torch_models import (  # noqa: E402  (after the skip: they need torch)
     _assert_close,
+    _assert_compiled_step_matches,
     _batch,
     _bn_modules,
     _nan_batch_leaves_stats,
@@ -603,16 +604,7 @@ def test_torch_compile_of_fused_converted_model_matches_eager():
     model = fbt.fuse(fbt.convert(copy.deepcopy(ref)))
     assert len(_fused(model)) == 3
     compiled = torch.compile(model)
-    x = torch.randn(4, 3, 8, 8)
-    out, out_ref = compiled(x), ref(x)
-    _assert_close(out, out_ref, 1e-5, "output")
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        _assert_close(p.grad, q.grad, 1e-4, f"grad {name}")
-    for a, b in zip(_bn_modules(model), _bn_modules(ref), strict=True):
-        _assert_close(a.running_var, b.running_var, 1e-5, "running_var")
-        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+    _assert_compiled_step_matches(compiled, model, ref, torch.randn(4, 3, 8, 8))
 
 
 def test_fused_model_compiles_without_graph_breaks(monkeypatch):

@@ -193,6 +193,20 @@ def test_train_eval_switching(path):
         assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 2
 
 
+def _assert_compiled_step_matches(compiled, model, ref, x):
+    """One training step of ``compiled`` (wrapping ``model``) against eager ``ref``:
+    outputs, parameter gradients, running variance, one batch counted."""
+    out, out_ref = compiled(x), ref(x)
+    _assert_close(out, out_ref, 1e-5, "output")
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        _assert_close(p.grad, q.grad, 1e-4, f"grad {name}")
+    for a, b in zip(_bn_modules(model), _bn_modules(ref), strict=True):
+        _assert_close(a.running_var, b.running_var, 1e-5, "running_var")
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+
+
 def _nan_batch_leaves_stats(model, x):
     """A NaN batch leaves every running statistic of ``model`` as it was (the guard)."""
     before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
@@ -332,13 +346,5 @@ def test_torch_compile_of_converted_model_matches_eager(monkeypatch, compile_wit
     model = fbt.convert(copy.deepcopy(ref))
     compiled = torch.compile(model)
     x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    out, out_ref = compiled(x), ref(x)
-    _assert_close(out, out_ref, 1e-5, "output")
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        _assert_close(p.grad, q.grad, 1e-4, f"grad {name}")
-    for a, b in zip(_bn_modules(model), _bn_modules(ref), strict=True):
-        _assert_close(a.running_var, b.running_var, 1e-5, "running_var")
-        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+    _assert_compiled_step_matches(compiled, model, ref, x)
     _nan_batch_leaves_stats(compiled, x)
