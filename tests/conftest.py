@@ -5,12 +5,15 @@
   signature may compile.  Select another with ``HYPOTHESIS_PROFILE=thorough``.
 * ``rng``: a seeded NumPy generator, a fresh one per test (reproducible).
 * ``num_threads``: sets Numba's thread count for a test and restores it.
-* Before the first test, ``python -m fastbn warmup`` compiles the kernels into
-  the on-disk cache in two processes at once (float32/float64 and the 16-bit
-  formats), so the tests load them instead of compiling each signature on
-  first use, one at a time.  On a fresh clone that compile dominated the
-  suite's run time; on two cores this halves it.  ``FASTBN_TEST_PRECOMPILE=0``
-  turns it off; without a writable cache it is skipped.
+* In a run in one process (``pytest`` without ``-n``), before the first test
+  ``python -m fastbn warmup`` compiles the kernels into the on-disk cache in
+  two processes at once (float32/float64 and the 16-bit formats), so the tests
+  load them instead of compiling each signature on first use, one at a time
+  (a cold CI run: 834 s with it, 985 s without).  Under pytest-xdist
+  (``make test``) it is skipped: the workers compile what their tests use on
+  all cores, and that was faster still (491 s cold on two cores), as warmup
+  also compiles variants no test calls.  ``FASTBN_TEST_PRECOMPILE=0`` turns it
+  off; without a writable cache it is skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ _PRECOMPILE_GROUPS = ("float32,float64", "float16,bfloat16")
 def pytest_sessionstart(session):
     if os.environ.get("FASTBN_TEST_PRECOMPILE", "1").strip() == "0":
         return
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(session.config.option, "dist",
+                                                            "no") != "no":
+        return  # pytest-xdist: its workers compile in parallel themselves
     from fastbn import _config
 
     if not _config.CACHE:
