@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Tests in pytest-xdist workers, one per core (at most 4): on CI's two cores a
-# cold run took 491 s this way against 834 s serially with the session-start
-# precompile (tests/conftest.py); most of a cold run is Numba compiling, one
-# core per process (`--dist loadfile` was slower: over 646 s, one worker idle
-# at the end).  `make test TEST_WORKERS=0` runs them in this process.  The ten
-# slowest tests are listed, so a slow one shows in the CI log.
-TEST_WORKERS ?= auto
+# Tests in pytest-xdist workers, one per logical CPU, at most 4 (`auto` would
+# count physical cores through psutil: one worker on a 1-core, 2-thread
+# runner).  On CI's two cores a cold run took 491 s this way against 834 s in
+# one process with the session-start precompile (tests/conftest.py); most of a
+# cold run is Numba compiling, one core per process.  `--dist loadfile` was
+# slower (over 646 s, one worker idle at the end).  `make test TEST_WORKERS=0`
+# runs them in this process.  The ten slowest tests are listed, so a slow one
+# shows in the CI log.
+TEST_WORKERS ?= logical
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses=4 --durations=10
 
