@@ -17,9 +17,10 @@ install: $(STAMP)
 
 # Tests in pytest-xdist workers, one per logical CPU, at most 4 (`auto` would
 # count physical cores through psutil: one worker on a 1-core, 2-thread
-# runner).  On CI's two cores a cold run took 491 s this way against 834 s in
-# one process with the session-start precompile (tests/conftest.py); most of a
-# cold run is Numba compiling, one core per process.  `--dist loadfile` was
+# runner).  Cold, on two cores: 491 s this way (pytest alone, here), and
+# `make test` took 478-659 s in four CI rehearsals against 841 s in one process
+# with the session-start precompile (tests/conftest.py); most of a cold run is
+# Numba compiling, one core per process.  `--dist loadfile` was
 # slower (over 646 s, one worker idle at the end).  `make test TEST_WORKERS=0`
 # runs them in this process.  The ten slowest tests are listed, so a slow one
 # shows in the CI log.

@@ -51,9 +51,9 @@ _PRECOMPILE_GROUPS = ("float32,float64", "float16,bfloat16")
 def pytest_sessionstart(session):
     if os.environ.get("FASTBN_TEST_PRECOMPILE", "1").strip() == "0":
         return
-    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(session.config.option, "dist",
-                                                            "no") != "no":
-        return  # pytest-xdist: its workers compile in parallel themselves
+    distributed = getattr(session.config.option, "dist", "no") != "no"  # pytest-xdist
+    if distributed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # its workers compile in parallel themselves
     from fastbn import _config
 
     if not _config.CACHE:
