@@ -123,7 +123,10 @@ def harden_cache(namespace: dict) -> None:
         cache = getattr(dispatcher, "_cache", None)
         if cache is None or not hasattr(cache, "load_overload"):
             continue
+        if getattr(cache, "_fastbn_hardened", False):  # a dispatcher seen under two names:
+            continue  # wrapping twice would take the (non-reentrant) flock twice
         _wrap_cache(cache)
+        cache._fastbn_hardened = True
 
 
 class _CacheFileLock:

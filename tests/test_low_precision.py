@@ -302,6 +302,38 @@ def test_nan_stays_in_its_channel(rng, fmt, layout):
     assert np.isfinite(dgamma[others]).all() and np.isfinite(dbeta).all()
 
 
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+@pytest.mark.parametrize("rows", [64, 32768], ids=["serial", "parallel"])
+def test_bfloat16_beyond_float32_squares_keeps_exact_statistics(rng, rows, layout):
+    """float32 block sums overflow (|x - pivot| ~ 1e20: squares beyond 3.4e38) or
+    underflow (~1e-30: squares below 1e-38) there; those channels are summed
+    again in float64 blocks, and the channels beside them keep their bits."""
+    shape = (rows, 3) if layout == "rows" else (rows // 64, 3, 64)
+    clean, dy, gamma, beta = make(shape, 1, BF16, rng)
+    x = clean.copy()
+    signs = np.where(np.arange(x.size // 3) % 2, 1.0, -1.0).reshape(np.delete(shape, 1))
+    x[:, 0] = (signs * 1e20).astype(BF16)
+    x[:, 2] = (signs * 1e-30 + 2e-31).astype(BF16)
+    y, ctx = fastbn.batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, ctx)
+    axes = (0,) if layout == "rows" else (0, 2)
+    x64 = x.astype(np.float64)
+    assert rel_err(ctx.var, x64.var(axis=axes)) <= 1e-6
+    assert rel_err(ctx.mean[[0, 2]], x64.mean(axis=axes)[[0, 2]]) <= 1e-6
+    y_ref, cache = reference.forward(x64, gamma.astype(np.float64), beta.astype(np.float64))
+    assert_within_one_ulp(y, y_ref, BF16, "y")
+    _, dgamma_ref, _ = reference.backward(dy.astype(np.float64), cache)
+    # as in the contract test: float32's rounding of dgamma + 1e-6 of its scale
+    scale = np.abs(dy.astype(np.float64)).sum() / dgamma.size
+    assert np.max(np.abs(dgamma - dgamma_ref)) <= 1e-6 * max(np.abs(dgamma_ref).max(), scale)
+    # The ordinary channel between them has the bits it has beside ordinary channels.
+    y_clean, ctx_clean = fastbn.batch_norm_forward(clean, gamma, beta)
+    dx_clean, dgamma_clean, _ = fastbn.batch_norm_backward(dy, ctx_clean)
+    assert y[:, 1].tobytes() == y_clean[:, 1].tobytes()
+    assert dx[:, 1].tobytes() == dx_clean[:, 1].tobytes()
+    assert dgamma[1] == dgamma_clean[1] and ctx.var[1] == ctx_clean.var[1]
+
+
 @pytest.mark.parametrize(("shape", "axis"), [((1024, 300), 1), ((8, 32, 40, 40), 1),
                                              ((8, 40, 40, 32), -1)])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
@@ -310,18 +342,30 @@ def test_bitwise_identical_for_any_thread_count_and_variant(num_threads, monkeyp
     x, dy, gamma, beta = make(shape, axis, fmt, rng)
     assert x.size >= _launch.SMALL_PROBLEM
 
+    names = ("y", "dx", "dgamma", "dbeta", "mean", "var", "y_eval")
+
     def run():
         y, ctx = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, relu=True)
         dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, ctx)
         y_eval = fastbn.batch_norm_inference(x, ctx.mean, ctx.var, gamma, beta, axis=axis)
-        return [a.tobytes() for a in (y, dx, dgamma, dbeta, ctx.mean, ctx.var, y_eval)]
+        return dict(zip(names, (np.array(a) for a in (y, dx, dgamma, dbeta, ctx.mean, ctx.var,
+                                                       y_eval)), strict=True))
+
+    def differences(got, want):
+        """Which outputs differ, in how many elements (a failure says which sweep)."""
+        return {name: int(np.sum(got[name].view(np.uint8) != want[name].view(np.uint8)))
+                for name in names if got[name].tobytes() != want[name].tobytes()}
 
     num_threads(2)
     two = run()
     num_threads(1)
-    assert run() == two
+    one = run()
     monkeypatch.setattr(_launch, "SMALL_PROBLEM", x.size + 1)  # the serial variant
-    assert run() == two
+    serial = run()
+    again = run()  # tells a repeatable difference from a transient one
+    assert not differences(one, two), f"1 vs 2 threads: {differences(one, two)}"
+    assert not differences(serial, two), (f"serial vs parallel: {differences(serial, two)}; "
+                                          f"serial run again: {differences(again, two)}")
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)

@@ -99,3 +99,46 @@ def task_pivot(x, c, o0, i0, i1):
     for i in range(n):  # from 0: no wraparound select, no gathers (planes.py)
         total += np.float64(load(first[i]))
     return to_accumulator(total / n, x)
+
+
+#: Thresholds of :func:`untrusted_sums`: below ``count * TINY_TERM`` a sum of
+#: float32 squares or products may have lost digits to underflow (2**-100 leaves
+#: a margin of 2**26 over float32's smallest normal); beside a pivot of at least
+#: ``SMALL_PIVOT`` a non-zero difference's square cannot underflow.
+TINY_TERM = 2.0**-100
+SMALL_PIVOT = 2.0**-30
+
+
+@njit(cache=CACHE, inline="always")
+def untrusted_sums(sum_a, sum_b, pivot, count, squares):
+    """Whether one channel's float32 block sums over ``count`` values may be off by
+    more than float32 rounding, so that it must be summed again in float64.
+
+    ``sum_a`` sums terms ``a`` (``d = x - pivot``, or ``dy'``), ``sum_b`` sums
+    ``b``: squares ``d*d`` (``squares``) or products ``dy' * (x - mean_hi)``
+    (``pivot`` is then ``mean_hi``).  Untrusted:
+
+    * a non-finite sum: a block overflowed (|x - pivot| beyond ~1.8e19, which
+      bfloat16 data can reach), or the data hold NaN/Inf (the float64 re-sum
+      then gives what float64 blocks always gave);
+    * ``0 < |sum_b| < count * 2**-100``: terms this small may have lost digits
+      below float32's smallest normal, 2**-126; above it, what underflow can
+      lose (< 2**-150 per term) is below 2**-50 of the sum;
+    * ``|pivot| < 2**-30`` and ``sum_b == 0``, for squares always (two values
+      ``+-1e-30`` around their mean square to zeros that sum to zero), for
+      products when ``sum_a != 0``.  Beside a pivot of at least 2**-30 a
+      non-zero float32 difference is at least ~2**-53, its square a normal
+      float32, so there a zero is exact: a constant channel away from zero
+      costs no second pass; an all-zero channel does (its tiny values could
+      not be told from zeros).
+
+    Left alone: products all below 2**-150 beside a pivot of at least 2**-30
+    (``|dy| < 6e-30`` on every value), whose float32 sum is 0 where float64
+    would give some 1e-45.  float16 data never underflows here (its smallest
+    value squares to 3.6e-15) and never overflows (65504 squares to 4.3e9).
+    """
+    if not (np.isfinite(sum_a) and np.isfinite(sum_b)):
+        return True
+    if sum_b != 0.0 and abs(sum_b) < count * TINY_TERM:
+        return True
+    return sum_b == 0.0 and (squares or sum_a != 0.0) and abs(pivot) < SMALL_PIVOT

@@ -59,7 +59,8 @@ from .drivers import (
     moments_planes,
     moments_rows,
 )
-from .elementwise import strict_sub
+from .elementwise import strict_sub, untrusted_sums
+from .planes import plane_grad_sums
 from .plan import (
     CHANNEL_BLOCK,
     GROUP_MIN_CHANNELS,
@@ -161,7 +162,8 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
     Each segment is masked into ``dr`` first (one loop: loads, a select, a
     store), then summed from ``dr`` while it is in L1 (the loop of
     ``planes_grad_partials``): one loop doing both had too many pointers for
-    LLVM's runtime alias checks and did not vectorize.
+    LLVM's runtime alias checks and did not vectorize.  Untrusted float32 sums
+    (16-bit data) are summed again from ``dr`` in float64, as there.
     """
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
@@ -202,6 +204,12 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
                     segment_dy_xc += g * strict_sub(to_accumulator(load(x_segment[i]), x), hi_sum)
                 sum_dy += np.float64(segment_dy)
                 sum_dy_xc += np.float64(segment_dy_xc)
+        count = np.float64((o1 - o0) * (i1 - i0))
+        if is_narrow(hi_sum) and untrusted_sums(sum_dy, sum_dy_xc, hi_sum, count, False):
+            # from dr, as planes_grad_partials re-sums (mean_hi stands in for the
+            # ReLU constants, read only with relu=True)
+            sum_dy, sum_dy_xc = plane_grad_sums(x, dr, c, o0, o1, i0, i1, hi, hi, hi, hi, False,
+                                                np.float64(hi))
         part_sum_dy[chunk, c] = sum_dy
         part_sum_dy_xc[chunk, c] = sum_dy_xc
 

@@ -17,13 +17,11 @@ its variance, and a channel's result never depends on its neighbours.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
-
-from numba import njit
+from numba import njit, prange
 
 from .._config import CACHE
 from ._build import kernel
-from .elementwise import grad_input, masked_grad
+from .elementwise import grad_input, masked_grad, untrusted_sums
 from .plan import CHANNEL_BLOCK, GROUP_MIN_CHANNELS, ROW_BLOCK, chunk_bounds
 from .storage import (
     accumulator_empty,
@@ -37,12 +35,6 @@ from .storage import (
 
 #: Rows averaged for the pivot of a rows-reduction task (see ``task_pivot``).
 PIVOT_ROWS = 8
-#: Thresholds of :func:`untrusted`: below ``count * TINY_TERM`` a sum of float32
-#: squares or products may have lost digits to underflow (2**-100 leaves a
-#: margin of 2**26 over float32's smallest normal); beside a pivot of at least
-#: ``SMALL_PIVOT`` a non-zero difference's square cannot underflow.
-TINY_TERM = 2.0**-100
-SMALL_PIVOT = 2.0**-30
 
 
 @njit(cache=CACHE, inline="always")
@@ -93,39 +85,11 @@ def _moment_sums(x, r0, r1, c0, pivot, block_d, block_d2, sum_d, sum_d2):
 
 @njit(cache=CACHE, inline="always")
 def untrusted(sum_a, sum_b, pivot, count, squares, redo):
-    """Which channels' float32 block sums may be off by more than float32 rounding:
-    ``redo[j]`` is set for those, and their number returned.
-
-    ``sum_a`` sums terms ``a`` (``d = x - pivot``, or ``dy'``), ``sum_b`` sums
-    ``b``: squares ``d*d`` (``squares``) or products ``dy' * (x - mean_hi)``
-    (``pivot`` is then ``mean_hi``).  Untrusted:
-
-    * a non-finite sum: a block overflowed (|x - pivot| beyond ~1.8e19), or the
-      data hold NaN/Inf (the float64 re-sum then gives what float64 blocks
-      always gave);
-    * ``0 < |sum_b| < count * 2**-100``: terms this small may have lost digits
-      below float32's smallest normal, 2**-126; above it, what underflow can
-      lose (< 2**-150 per term) is below 2**-50 of the sum;
-    * ``|pivot| < 2**-30`` and ``sum_b == 0``, for squares always (two values
-      ``±1e-30`` around their mean square to zeros that sum to zero), for
-      products when ``sum_a != 0``.  Beside a pivot of at least 2**-30 a
-      non-zero float32 difference is at least ~2**-53, its square a normal
-      float32, so there a zero is exact: a constant channel away from zero
-      costs no second pass; an all-zero channel does (its tiny values could
-      not be told from zeros).
-
-    Left alone: products all below 2**-150 beside a pivot of at least 2**-30
-    (``|dy| < 6e-30`` on every value), whose float32 sum is 0 where float64
-    would give some 1e-45.
-    """
-    tiny = count * TINY_TERM
+    """Mark in ``redo`` the channels whose float32 block sums cannot be trusted
+    (:func:`~.elementwise.untrusted_sums`); returns how many."""
     n_untrusted = 0
     for j in range(sum_a.shape[0]):
-        a = sum_a[j]
-        b = sum_b[j]
-        bad = not (np.isfinite(a) and np.isfinite(b))
-        bad = bad or (b != 0.0 and abs(b) < tiny)
-        bad = bad or (b == 0.0 and (squares or a != 0.0) and abs(pivot[j]) < SMALL_PIVOT)
+        bad = untrusted_sums(sum_a[j], sum_b[j], pivot[j], count, squares)
         redo[j] = bad
         n_untrusted += bad
     return n_untrusted

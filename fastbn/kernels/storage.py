@@ -234,7 +234,11 @@ def to_block(value, block):
 
 
 def is_narrow(block):
-    """Whether the array ``block`` holds float32 (a compile-time constant)."""
+    """Whether ``block`` (an array or a scalar) is float32 (a compile-time constant)."""
+
+
+def cast_like(value, like):
+    """``value`` in the type of the scalar ``like``."""
 
 
 def accumulator_empty(n, data):
@@ -312,8 +316,15 @@ def _to_block(value, block):
 
 @overload(is_narrow)
 def _is_narrow(block):
-    narrow = block.dtype == types.float32
+    narrow = (block.dtype if isinstance(block, types.Array) else block) == types.float32
     return lambda block: narrow
+
+
+@overload(cast_like)
+def _cast_like(value, like):
+    if like == types.float32:
+        return lambda value, like: np.float32(value)
+    return lambda value, like: np.float64(value)
 
 
 @overload(accumulator_empty)
