@@ -60,7 +60,6 @@ from .drivers import (
     moments_rows,
 )
 from .elementwise import strict_sub, untrusted_sums
-from .planes import plane_grad_sums
 from .plan import (
     CHANNEL_BLOCK,
     GROUP_MIN_CHANNELS,
@@ -72,6 +71,7 @@ from .plan import (
     planes_plan,
     rows_plan,
 )
+from .planes import plane_grad_sums
 from .rows import fold_blocks, grad_block, redo_wide, untrusted
 from .storage import (
     accumulator_empty,
