@@ -27,7 +27,7 @@ fastmath, because reassociation would fold ``mean_hi + mean_lo`` back together.
 from __future__ import annotations
 
 from .._config import harden_cache
-from . import drivers, elementwise, plan, planes, residual, rows, storage
+from . import drivers, plan, planes, residual, rows, storage
 from ._build import build_variant
 from .drivers import (
     BAD_BATCH_STATS,
@@ -46,10 +46,7 @@ PARALLEL = build_variant(_MODULES, parallel=True)
 #: The same kernels compiled serially: small inputs and forked children.
 SERIAL = build_variant(_MODULES, parallel=False)
 
-# Every other cached dispatcher of the package too (helpers, merges): the
-# digest stamp and the inter-process lock apply to whatever Numba caches.
-harden_cache({f"{module.__name__}.{name}": getattr(module, name)
-              for module in (plan, drivers, residual, storage, rows, planes, elementwise)
+harden_cache({name: getattr(module, name) for module in (plan, drivers, residual, storage)
               for name in dir(module)})
 
 __all__ = [

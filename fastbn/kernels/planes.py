@@ -26,46 +26,18 @@ had not shown it.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .._config import CACHE, REDUCTION_FASTMATH
+from .._config import REDUCTION_FASTMATH
 from ._build import kernel
-from .elementwise import grad_input, masked_grad, strict_sub, task_pivot, untrusted_sums
+from .elementwise import grad_input, masked_grad, strict_sub, task_pivot
 from .plan import SEGMENT, plane_task
-from .storage import cast_like, compute_zero, encode, is_narrow, load, to_accumulator, zero_of
-
-
-@njit(cache=CACHE, inline="always")
-def plane_moment_sums(x, c, o0, o1, i0, i1, pivot):
-    """(sum(x - pivot), sum((x - pivot)**2)) over one task, in segments of the
-    pivot's type (float32 or float64) folded into float64."""
-    block_zero = zero_of(pivot)
-    sum_d = 0.0
-    sum_d2 = 0.0
-    width = i1 - i0
-    for o in range(o0, o1):
-        plane = x[o, c, i0:i1]
-        for s0 in range(0, width, SEGMENT):
-            segment = plane[s0:min(width, s0 + SEGMENT)]
-            segment_d = block_zero
-            segment_d2 = block_zero
-            for i in range(segment.shape[0]):  # from 0: see the module doc (gathers)
-                d = strict_sub(cast_like(load(segment[i]), pivot), pivot)
-                segment_d += d
-                segment_d2 += d * d
-            sum_d += np.float64(segment_d)
-            sum_d2 += np.float64(segment_d2)
-    return sum_d, sum_d2
+from .storage import accumulator_zero, compute_zero, encode, load, to_accumulator, zero_of
 
 
 @kernel(parallel=True, fastmath=REDUCTION_FASTMATH)
 def planes_moment_partials(x, n_outer_chunks, n_inner_chunks, part_mean, part_m2, part_count):
-    """Per-chunk (mean, M2, count) of pivot-shifted values, one sweep over x.
-
-    A task is one channel of one chunk; where its float32 segment sums (16-bit
-    data) cannot be trusted (:func:`~.elementwise.untrusted_sums`: overflow,
-    NaN/Inf, underflow) it is summed again in float64 segments.
-    """
+    """Per-chunk (mean, M2, count) of pivot-shifted values, one sweep over x."""
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
     for task in prange(n_chunks * n_channels):
@@ -73,10 +45,23 @@ def planes_moment_partials(x, n_outer_chunks, n_inner_chunks, part_mean, part_m2
             task, n_channels, n_outer_chunks, n_inner_chunks, outer, inner
         )
         pivot = task_pivot(x, c, o0, i0, i1)
+        block_zero = zero_of(pivot)
+        sum_d = 0.0
+        sum_d2 = 0.0
+        for o in range(o0, o1):
+            plane = x[o, c, i0:i1]
+            width = i1 - i0
+            for s0 in range(0, width, SEGMENT):
+                segment = plane[s0:min(width, s0 + SEGMENT)]
+                segment_d = block_zero
+                segment_d2 = block_zero
+                for i in range(segment.shape[0]):  # from 0: see the module doc (gathers)
+                    d = strict_sub(to_accumulator(load(segment[i]), x), pivot)
+                    segment_d += d
+                    segment_d2 += d * d
+                sum_d += np.float64(segment_d)
+                sum_d2 += np.float64(segment_d2)
         count = np.float64((o1 - o0) * (i1 - i0))
-        sum_d, sum_d2 = plane_moment_sums(x, c, o0, o1, i0, i1, pivot)
-        if is_narrow(pivot) and untrusted_sums(sum_d, sum_d2, pivot, count, True):
-            sum_d, sum_d2 = plane_moment_sums(x, c, o0, o1, i0, i1, np.float64(pivot))
         if c == 0:
             part_count[chunk] = count
         shift = sum_d / count
@@ -107,33 +92,6 @@ def planes_normalize(x, mean_hi, mean_lo, scale, shift, relu, y):
                 y_plane[i] = encode(((load(x_plane[i]) - hi) - lo) * s + b, y_plane[i])
 
 
-@njit(cache=CACHE, inline="always")
-def plane_grad_sums(x, dy, c, o0, o1, i0, i1, hi, lo, s, b, relu, hi_sum):
-    """(sum(dy'), sum(dy' * (x - mean_hi))) over one task, in segments of
-    ``hi_sum``'s type (``mean_hi`` as float32 or float64) folded into float64."""
-    block_zero = zero_of(hi_sum)
-    sum_dy = 0.0
-    sum_dy_xc = 0.0
-    width = i1 - i0
-    for o in range(o0, o1):
-        x_plane = x[o, c, i0:i1]
-        dy_plane = dy[o, c, i0:i1]
-        for s0 in range(0, width, SEGMENT):
-            s1 = min(width, s0 + SEGMENT)
-            x_segment = x_plane[s0:s1]
-            dy_segment = dy_plane[s0:s1]
-            segment_dy = block_zero
-            segment_dy_xc = block_zero
-            for i in range(x_segment.shape[0]):  # from 0 (gathers: the module doc)
-                xv = load(x_segment[i])
-                g = cast_like(masked_grad(load(dy_segment[i]), xv, hi, lo, s, b, relu), hi_sum)
-                segment_dy += g
-                segment_dy_xc += g * strict_sub(cast_like(xv, hi_sum), hi_sum)
-            sum_dy += np.float64(segment_dy)
-            sum_dy_xc += np.float64(segment_dy_xc)
-    return sum_dy, sum_dy_xc
-
-
 @kernel(parallel=True, fastmath=REDUCTION_FASTMATH)
 def planes_grad_partials(
     x, dy, mean_hi, mean_lo, scale, shift, relu, n_outer_chunks, n_inner_chunks,
@@ -144,8 +102,6 @@ def planes_grad_partials(
     ``x - mean_hi`` is exact near the mean (Sterbenz); the caller subtracts
     ``(mean - mean_hi) * sum(dy')`` in float64 to centre on the float64 mean.
     The mask recomputes the forward's output bit for bit (flag-free arithmetic).
-    Untrusted float32 sums are summed again in float64, as in
-    :func:`planes_moment_partials`.
     """
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
@@ -158,12 +114,26 @@ def planes_grad_partials(
         s = scale[c]
         b = shift[c]
         hi_sum = to_accumulator(hi, x)
-        sum_dy, sum_dy_xc = plane_grad_sums(x, dy, c, o0, o1, i0, i1, hi, lo, s, b, relu,
-                                            hi_sum)
-        count = np.float64((o1 - o0) * (i1 - i0))
-        if is_narrow(hi_sum) and untrusted_sums(sum_dy, sum_dy_xc, hi_sum, count, False):
-            sum_dy, sum_dy_xc = plane_grad_sums(x, dy, c, o0, o1, i0, i1, hi, lo, s, b, relu,
-                                                np.float64(hi))
+        block_zero = accumulator_zero(x)
+        sum_dy = 0.0
+        sum_dy_xc = 0.0
+        for o in range(o0, o1):
+            x_plane = x[o, c, i0:i1]
+            dy_plane = dy[o, c, i0:i1]
+            width = i1 - i0
+            for s0 in range(0, width, SEGMENT):
+                s1 = min(width, s0 + SEGMENT)
+                x_segment = x_plane[s0:s1]
+                dy_segment = dy_plane[s0:s1]
+                segment_dy = block_zero
+                segment_dy_xc = block_zero
+                for i in range(x_segment.shape[0]):  # from 0 (gathers: the module doc)
+                    xv = load(x_segment[i])
+                    g = to_accumulator(masked_grad(load(dy_segment[i]), xv, hi, lo, s, b, relu), x)
+                    segment_dy += g
+                    segment_dy_xc += g * strict_sub(to_accumulator(xv, x), hi_sum)
+                sum_dy += np.float64(segment_dy)
+                sum_dy_xc += np.float64(segment_dy_xc)
         part_sum_dy[chunk, c] = sum_dy
         part_sum_dy_xc[chunk, c] = sum_dy_xc
 

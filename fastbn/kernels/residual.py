@@ -59,7 +59,7 @@ from .drivers import (
     moments_planes,
     moments_rows,
 )
-from .elementwise import strict_sub, untrusted_sums
+from .elementwise import strict_sub
 from .plan import (
     CHANNEL_BLOCK,
     GROUP_MIN_CHANNELS,
@@ -71,15 +71,11 @@ from .plan import (
     planes_plan,
     rows_plan,
 )
-from .planes import plane_grad_sums
-from .rows import fold_blocks, grad_block, redo_wide, untrusted
 from .storage import (
-    accumulator_empty,
     accumulator_zero,
     block_zeros,
     compute_zero,
     encode,
-    is_narrow,
     load,
     to_accumulator,
     zero_of,
@@ -162,8 +158,7 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
     Each segment is masked into ``dr`` first (one loop: loads, a select, a
     store), then summed from ``dr`` while it is in L1 (the loop of
     ``planes_grad_partials``): one loop doing both had too many pointers for
-    LLVM's runtime alias checks and did not vectorize.  Untrusted float32 sums
-    (16-bit data) are summed again from ``dr`` in float64, as there.
+    LLVM's runtime alias checks and did not vectorize.
     """
     outer, n_channels, inner = x.shape
     n_chunks = n_outer_chunks * n_inner_chunks
@@ -204,12 +199,6 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
                     segment_dy_xc += g * strict_sub(to_accumulator(load(x_segment[i]), x), hi_sum)
                 sum_dy += np.float64(segment_dy)
                 sum_dy_xc += np.float64(segment_dy_xc)
-        count = np.float64((o1 - o0) * (i1 - i0))
-        if is_narrow(hi_sum) and untrusted_sums(sum_dy, sum_dy_xc, hi_sum, count, False):
-            # from dr, as planes_grad_partials re-sums (mean_hi stands in for the
-            # ReLU constants, read only with relu=True)
-            sum_dy, sum_dy_xc = plane_grad_sums(x, dr, c, o0, o1, i0, i1, hi, hi, hi, hi, False,
-                                                np.float64(hi))
         part_sum_dy[chunk, c] = sum_dy
         part_sum_dy_xc[chunk, c] = sum_dy_xc
 
@@ -218,11 +207,8 @@ def planes_mask_partials(x, dy, y, mean_hi, n_outer_chunks, n_inner_chunks, dr,
 def rows_mask_partials(x, dy, y, mean_hi, n_row_chunks, n_blocks, dr,
                        part_sum_dy, part_sum_dy_xc):
     """As :func:`planes_mask_partials` for an ``(outer, C)`` array (per-channel
-    accumulator vectors, no fastmath needed): each block of rows is masked into
-    ``dr``, then summed from ``dr`` (in L1) by ``rows.grad_block`` with no
-    ReLU, the sums of ``rows_grad_partials`` -- the float64 re-sum of untrusted
-    16-bit channels included -- so the fused backward gives the
-    composition's bits."""
+    accumulator vectors, no fastmath needed): each row is masked into ``dr``,
+    then the rows are summed from ``dr`` in ``rows_grad_partials``'s order."""
     outer, n_channels = x.shape
     for task in prange(n_row_chunks * n_blocks):
         chunk = task // n_blocks
@@ -231,15 +217,12 @@ def rows_mask_partials(x, dy, y, mean_hi, n_row_chunks, n_blocks, dr,
         c0 = block * CHANNEL_BLOCK
         c1 = min(n_channels, c0 + CHANNEL_BLOCK)
         width = c1 - c0
-        zero = compute_zero(x)
-        hi_b = mean_hi[c0:c1]
-        hi_block = accumulator_empty(width, x)
-        for j in range(width):
-            hi_block[j] = hi_b[j]
         sum_dy = np.zeros(width)
         sum_dy_xc = np.zeros(width)
         block_dy = block_zeros(width, x)
         block_dy_xc = block_zeros(width, x)
+        zero = compute_zero(x)
+        hi_b = mean_hi[c0:c1]
         for b0 in range(r0, r1, ROW_BLOCK):
             b1 = min(r1, b0 + ROW_BLOCK)
             for row in range(b0, b1):
@@ -251,15 +234,39 @@ def rows_mask_partials(x, dy, y, mean_hi, n_row_chunks, n_blocks, dr,
                     if not load(y_row[j]) > zero:
                         g = zero
                     dr_row[j] = encode(g, dr_row[j])
-            # mean_hi stands in for the ReLU constants: grad_block reads them only
-            # with relu=True.
-            grad_block(x, dr, b0, b1, c0, hi_b, hi_b, hi_b, hi_b, False, hi_block, block_dy,
-                       block_dy_xc)
-            fold_blocks(block_dy, block_dy_xc, sum_dy, sum_dy_xc)
-        count = np.float64(r1 - r0)
-        redo = np.empty(width, np.bool_)
-        if is_narrow(hi_block) and untrusted(sum_dy, sum_dy_xc, hi_block, count, False, redo):
-            redo_wide(x, dr, r0, r1, c0, hi_b, hi_b, hi_b, hi_b, False, redo, sum_dy, sum_dy_xc)
+            # Four rows per pass over the accumulators, as in rows_grad_partials
+            # (and summed in its order).
+            row = b0
+            while row + 4 <= b1:
+                xa, xb, xc, xd = (x[row, c0:c1], x[row + 1, c0:c1], x[row + 2, c0:c1],
+                                  x[row + 3, c0:c1])
+                fa, fb, fc, fd = (dr[row, c0:c1], dr[row + 1, c0:c1], dr[row + 2, c0:c1],
+                                  dr[row + 3, c0:c1])
+                for j in range(width):
+                    ga, gb, gc, gd = load(fa[j]), load(fb[j]), load(fc[j]), load(fd[j])
+                    h_sum = to_accumulator(hi_b[j], x)
+                    block_dy[j] += to_accumulator((ga + gb) + (gc + gd), x)
+                    block_dy_xc[j] += (
+                        ga * (to_accumulator(load(xa[j]), x) - h_sum)
+                        + gb * (to_accumulator(load(xb[j]), x) - h_sum)
+                    ) + (
+                        gc * (to_accumulator(load(xc[j]), x) - h_sum)
+                        + gd * (to_accumulator(load(xd[j]), x) - h_sum)
+                    )
+                row += 4
+            for rr in range(row, b1):
+                x_row = x[rr, c0:c1]
+                dr_row = dr[rr, c0:c1]
+                for j in range(width):
+                    g = to_accumulator(load(dr_row[j]), x)
+                    block_dy[j] += g
+                    block_dy_xc[j] += g * (to_accumulator(load(x_row[j]), x)
+                                           - to_accumulator(hi_b[j], x))
+            for j in range(width):
+                sum_dy[j] += np.float64(block_dy[j])
+                sum_dy_xc[j] += np.float64(block_dy_xc[j])
+                block_dy[j] = 0
+                block_dy_xc[j] = 0
         for j in range(width):
             part_sum_dy[chunk, c0 + j] = sum_dy[j]
             part_sum_dy_xc[chunk, c0 + j] = sum_dy_xc[j]

@@ -214,31 +214,18 @@ def to_accumulator(value, data):
     16-bit data is summed in float32 over short blocks folded into float64
     (widening every element to float64 would halve the sweep's speed; the
     blocks keep the float32 rounding error at ~1e-7 of the block, far below
-    the 16-bit format's 4e-3).  Float32 data keeps float64 accumulation, so
-    its statistics stay within ~1e-15 of float64 math (1e-9 is tested at mean
-    1e4, std 1).  Float32 blocks for float32 data were measured twice
-    (2026-12-03): on an AVX2 runner the rows layout's statistics sweep took
-    2.15 ms against 3.68 ms at (32, 56, 56, 64); on an AVX-512 runner the
-    rows forward+backward gained 5-9 % (``perf_compare``), and the variance
-    error grew to 5e-8 -- not adopted.  The rows layout re-sums a task in
-    float64 where float32 block sums overflow or underflow (``rows.untrusted``).
+    the 16-bit format's 4e-3).  Float32 data keeps float64 accumulation: on
+    AVX2 it measured as fast as float32 blocks in the planes layout (the sweeps
+    are memory-bound) and its statistics stay within 1e-12 of float64 math.
+    The rows layout's statistics sweep is compute-bound with it (3.68 ms
+    against 2.15 ms with float32 blocks at (32, 56, 56, 64), 2026-12-03); using
+    float32 blocks there needs a fallback for block sums that overflow float32
+    (|x - pivot| beyond ~1.8e19, which 16-bit bfloat16 data can reach too).
     """
 
 
 def accumulator_zero(data):
     """0 in the accumulation type of ``data``'s elements."""
-
-
-def to_block(value, block):
-    """``value`` in the element type of the block array ``block``."""
-
-
-def is_narrow(block):
-    """Whether ``block`` (an array or a scalar) is float32 (a compile-time constant)."""
-
-
-def cast_like(value, like):
-    """``value`` in the type of the scalar ``like``."""
 
 
 def accumulator_empty(n, data):
@@ -305,26 +292,6 @@ def _accumulator_zero(data):
     if data.dtype in _SIXTEEN_BIT:
         return lambda data: np.float32(0)
     return lambda data: np.float64(0)
-
-
-@overload(to_block)
-def _to_block(value, block):
-    if block.dtype == types.float32:
-        return lambda value, block: np.float32(value)
-    return lambda value, block: np.float64(value)
-
-
-@overload(is_narrow)
-def _is_narrow(block):
-    narrow = (block.dtype if isinstance(block, types.Array) else block) == types.float32
-    return lambda block: narrow
-
-
-@overload(cast_like)
-def _cast_like(value, like):
-    if like == types.float32:
-        return lambda value, like: np.float32(value)
-    return lambda value, like: np.float64(value)
 
 
 @overload(accumulator_empty)
