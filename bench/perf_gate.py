@@ -64,8 +64,10 @@ GATE_CASES: dict[str, tuple[Case, str]] = case_grid([
 
 #: Per-case threshold fraction where 60 % would not catch the regression the
 #: case exists for: at (100, 100) parallel launches cost "only" ~35 % of the
-#: ratio under the tbb layer, so the threshold sits at 75 % of the quiet ratio.
-CASE_FRACTION: dict[str, float] = {"fc-100x100-f32/fwdbwd": 0.75}
+#: ratio under the tbb layer, so the threshold sits at 70 % of the quiet ratio
+#: (75 % until 2026-12-03, when an AVX-512 Zen 4 runner measured the quiet
+#: ratio at 2.53-2.66x against that 2.61x; serial-off there is 1.53-1.60x).
+CASE_FRACTION: dict[str, float] = {"fc-100x100-f32/fwdbwd": 0.70}
 
 
 def baseline_peer(case_id: str) -> str:
