@@ -320,7 +320,7 @@ def test_bitwise_identical_for_any_thread_count_and_variant(num_threads, monkeyp
                                                        y_eval)), strict=True))
 
     def differences(got, want):
-        """Which outputs differ, in how many elements (a failure says which sweep)."""
+        """Which outputs differ, in how many bytes (a failure says which sweep)."""
         return {name: int(np.sum(got[name].view(np.uint8) != want[name].view(np.uint8)))
                 for name in names if got[name].tobytes() != want[name].tobytes()}
 
