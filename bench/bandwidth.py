@@ -7,12 +7,17 @@ per element (read b, read c, write a; write-allocate traffic not counted).
 Uses Numba's thread count, so it is the ceiling fastbn's kernels can reach.
 
     python -m bench.bandwidth [--elements N] [--runs K]
+
+:func:`stream_probe` is the same idea on a benchmark's own array: a parallel
+``y = s*x + t`` over its bytes, which the CI performance gate times in the same
+rounds as fastbn (the streaming speed the machine gives *right now*).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -35,6 +40,46 @@ def _init(a, b, c):
 def _triad(a, b, c, s):
     for i in prange(a.shape[0]):
         a[i] = b[i] + s * c[i]
+
+
+@njit(parallel=True, cache=True)
+def _scale_shift(x, y, s, t):
+    for i in prange(x.shape[0]):
+        y[i] = x[i] * s + t
+
+
+#: Bytes :func:`stream_probe` moves per byte of its array: it reads x and writes y.
+STREAM_PROBE_BYTES = 2
+
+
+def stream_probe(x: np.ndarray, out: np.ndarray | None = None) -> Callable[[], None]:
+    """A zero-argument callable that streams ``x``'s bytes once through a parallel
+    ``y = 1.5*x + 0.25`` (Numba ``prange``, Numba's threads, a fresh output).
+
+    It moves ``STREAM_PROBE_BYTES * x.nbytes`` bytes and does nothing else, so
+    timed in the same rounds as a memory-bound kernel on the same array it
+    measures what the machine's threads and memory deliver at that moment: on a
+    shared runner another process, a neighbour on the memory bus or the pages a
+    process was given can make both 2x slower together, where a single-threaded
+    peer slows far less.  float32 or float64 data (the kernel is compiled for
+    the array's dtype).  ``out``: where y goes (x's size and dtype, contiguous);
+    a fresh array by default.
+    """
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype not in (np.float32, np.float64):
+        raise TypeError(f"stream_probe needs float32 or float64 data, got {flat.dtype}")
+    out = np.empty_like(flat) if out is None else out.reshape(-1)
+    if out.dtype != flat.dtype or out.size != flat.size or not out.flags.c_contiguous:
+        raise ValueError("stream_probe's out must be contiguous, with x's size and dtype")
+    scale, shift = flat.dtype.type(1.5), flat.dtype.type(0.25)
+
+    def probe() -> None:
+        _scale_shift(flat, out, scale, shift)
+
+    probe()  # compile (or load from cache), touch the output's pages
+    if out[0] != flat[0] * scale + shift:
+        raise RuntimeError("stream_probe produced a wrong result")
+    return probe
 
 
 def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
